@@ -31,7 +31,7 @@ def create_lock_store(config: Mapping[str, Any] | None) -> LockStore:
         raise ConfigError(f"{SECTION}: expected a mapping of keys, got {type(config).__name__}")
     kind = config.get("type")
     if isinstance(kind, str) and "." in kind.strip():
-        cls = load_class(kind.strip(), LockStore, key=f"{SECTION}.type")
+        cls: type[LockStore] = load_class(kind.strip(), LockStore, key=f"{SECTION}.type")
         kwargs = {str(key): value for key, value in config.items() if key != "type"}
         try:
             return cls(**kwargs)
@@ -46,7 +46,8 @@ def create_lock_store(config: Mapping[str, Any] | None) -> LockStore:
     if settings.type == "redis":
         from .redis_store import RedisLockStore  # imported late: redis is heavy
 
-        return RedisLockStore.from_settings(settings)
+        store: LockStore = RedisLockStore.from_settings(settings)
+        return store
     raise ConfigError(
         f"{SECTION}.type: got {settings.type!r}; use 'in_memory', 'redis', or the dotted "
         "path of a LockStore subclass such as 'mypackage.stores.MyLockStore'"

@@ -46,7 +46,7 @@ class _Hold(Ticket, HeldLock):
     ``_future`` is set only by ``_wait()``, on the contended path.
     """
 
-    __slots__ = ("_store", "conversation_id", "_future")
+    __slots__ = ("_future", "_store", "conversation_id")
 
     _store: InMemoryLockStore
     _future: asyncio.Future[None] | None

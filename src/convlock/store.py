@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from .errors import ConfigError
 
@@ -207,17 +207,17 @@ class LockStore(abc.ABC):
         is an operator's tool for a holder known to be stuck.
         """
 
-    async def ping(self) -> None:
+    async def ping(self) -> None:  # noqa: B027  (optional hook: nothing to check in memory)
         """Check that the backend answers; raise ``LockStoreUnavailable`` if not."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027  (optional hook: not every store holds resources)
         """Release the store's resources. Locks still held are not released."""
 
     def statistics(self) -> Mapping[str, Any]:
         """Counters for debugging and metrics; keys depend on the store."""
         return {}
 
-    async def __aenter__(self) -> LockStore:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -45,6 +45,7 @@ Trade-offs and open questions
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -92,7 +93,7 @@ class Ticket:
 
     # Four slots, no more: a store builds one ticket per lock cycle, and each
     # attribute set is a measurable share of an uncontended cycle.
-    __slots__ = ("number", "terms", "expires_at", "waiting")
+    __slots__ = ("expires_at", "number", "terms", "waiting")
 
     def __init__(self, terms: Terms) -> None:
         self.number = 0
@@ -137,7 +138,7 @@ class TicketBook:
     queue deletes its entry. Everything else must go through the methods.
     """
 
-    __slots__ = ("heads", "_clock", "last_issued")
+    __slots__ = ("_clock", "heads", "last_issued")
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.heads: dict[str, Ticket] = {}
@@ -208,10 +209,8 @@ class TicketBook:
         if head is ticket:
             return self._grant_next(conversation_id, ticket)
         if head is not None and head.waiting is not None:
-            try:
+            with contextlib.suppress(ValueError):  # already granted or withdrawn
                 head.waiting.remove(ticket)
-            except ValueError:
-                pass
             if not head.waiting:
                 head.waiting = None
         return None
