@@ -30,10 +30,16 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 venv_python="$root/.venv/bin/python"
+
+pip_install() {
+    # Some machines' pip.conf names extra index folders that do not exist;
+    # pip warns about each one on every call, which buries real errors.
+    "$venv_python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=".venv/.convlock-installed-$1"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    "$venv_python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    "$venv_python" -m pip install -q --disable-pip-version-check -e ".$2"
+    pip_install --upgrade pip >/dev/null
+    pip_install -e ".$2"
     touch "$stamp"
 fi

@@ -26,6 +26,7 @@ a store's waiters must all run on one event loop at a time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -37,6 +38,8 @@ from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds
 from .tickets import INF, Terms, Ticket, TicketBook
 
 __all__ = ["InMemoryLockStore"]
+
+logger = logging.getLogger("convlock.memory")
 
 
 class _Hold(Ticket, HeldLock):
@@ -239,6 +242,14 @@ class InMemoryLockStore(LockStore):
         granted = self._book.expire(conversation_id)
         if head is not None and head.revoked:
             self._lapsed += 1
+            # A lapse means a holder ran past its lease: worth an operator's eye.
+            logger.warning(
+                "lease of ticket %d on conversation %r lapsed after %gs; serving %s",
+                head.number,
+                conversation_id,
+                head.terms.lifetime,
+                "nobody" if granted is None else f"ticket {granted.number}",
+            )
         if granted is not None:
             self._grant(conversation_id, granted)
 
