@@ -8,13 +8,24 @@ the reason; any other start failure is an error, with the server's log tail.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 import redis_procs
-from redis_procs import RedisProcess
+from redis_procs import RedisProcess, RedisUnsupported
+
+T = TypeVar("T")
+
+
+def _start_or_skip(start: Callable[[], T]) -> T:
+    """Run a setup; skip (with the binary's reason) when it cannot run it, fail on anything else."""
+    try:
+        return start()
+    except RedisUnsupported as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")
@@ -58,5 +69,48 @@ def fresh_redis(tmp_path: Path, redis_binary: str) -> Iterator[RedisProcess]:
     empty data) or reconfigure it freely.
     """
     proc = redis_procs.start_redis(tmp_path, binary=redis_binary)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory: pytest.TempPathFactory, redis_binary: str) -> Iterator[RedisProcess]:
+    """A TLS-only redis-server shared by the session; ``.tls_files`` holds the PEM files.
+
+    Plain text is closed (``port 0``); ``.port`` is the TLS port and
+    ``.url()`` a ``rediss://`` URL. The server certificate names ``localhost``
+    and ``127.0.0.1`` and is signed by ``.tls_files.ca_cert``. Client
+    certificates are optional (``tls-auth-clients optional``): a client that
+    only verifies the server gets in, one presenting ``.tls_files.client_cert``
+    too, one presenting a certificate from another CA is refused.
+    ``.client_kwargs()`` presents the client certificate. Not flushed between
+    tests: use your own keys. Skips when no certificates can be made or the
+    binary has no TLS.
+    """
+    folder = tmp_path_factory.mktemp("redis-tls")
+    files = _start_or_skip(lambda: redis_procs.make_tls_files(folder / "certs"))
+    proc = _start_or_skip(lambda: redis_procs.start_redis(folder, tls=files, binary=redis_binary))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_acl(tmp_path_factory: pytest.TempPathFactory, redis_binary: str) -> Iterator[RedisProcess]:
+    """A redis-server shared by the session that only lets in ACL user ``convlock``.
+
+    ``.username``/``.password`` are ``redis_procs.ACL_USERNAME``/``ACL_PASSWORD``;
+    that user may run every command on every key and channel. The default
+    user is off, so a client that sends only a password (or none) is
+    refused. ``.url(credentials=True)`` carries the credentials. Not flushed
+    between tests: use your own keys. Skips on a binary older than 6.0.
+    """
+    proc = _start_or_skip(
+        lambda: redis_procs.start_redis(
+            tmp_path_factory.mktemp("redis-acl"),
+            username=redis_procs.ACL_USERNAME,
+            password=redis_procs.ACL_PASSWORD,
+            binary=redis_binary,
+        )
+    )
     yield proc
     proc.stop()

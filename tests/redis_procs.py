@@ -51,6 +51,7 @@ __all__ = [
     "TLSFiles",
     "find_redis_server",
     "free_port",
+    "make_tls_files",
     "redis_version",
     "skip_if_redis_older",
     "start_redis",
@@ -258,6 +259,179 @@ class TLSFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+
+_OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = convlock test
+[ca_ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost,IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+[client_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid,issuer
+"""
+
+
+def make_tls_files(dir: Path) -> TLSFiles:
+    """Write a fresh CA and a server and a client certificate signed by it into ``dir``.
+
+    Keys are P-256 EC (quick to make); certificates are valid for ten years,
+    carry the extensions that strict verifiers (Python >= 3.13) insist on,
+    and the server's names are ``localhost`` and ``127.0.0.1``. Uses the
+    ``openssl`` command, else the ``cryptography`` package; raises
+    :class:`RedisUnsupported` when neither is there.
+    """
+    dir.mkdir(parents=True, exist_ok=True)
+    files = TLSFiles(
+        ca_cert=dir / "ca.crt",
+        server_cert=dir / "server.crt",
+        server_key=dir / "server.key",
+        client_cert=dir / "client.crt",
+        client_key=dir / "client.key",
+    )
+    openssl = shutil.which("openssl")
+    if openssl is not None:
+        _make_tls_files_openssl(openssl, dir, files)
+        return files
+    try:
+        _make_tls_files_cryptography(files)
+    except ImportError as exc:
+        raise RedisUnsupported(
+            "cannot make test certificates: no openssl command on PATH and no cryptography package"
+        ) from exc
+    return files
+
+
+def _make_tls_files_openssl(openssl: str, dir: Path, files: TLSFiles) -> None:
+    config = dir / "openssl.cnf"
+    config.write_text(_OPENSSL_CONFIG)
+    ca_key = dir / "ca.key"
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run([openssl, *args], capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"openssl {' '.join(args)} failed:\n{done.stderr}")
+
+    run("req", "-x509", "-new", "-config", str(config), "-extensions", "ca_ext", *newkey,
+        "-keyout", str(ca_key), "-out", str(files.ca_cert), "-days", "3650",
+        "-subj", "/CN=convlock test CA")  # fmt: skip
+    pairs = [
+        ("server", files.server_cert, files.server_key, "/CN=localhost"),
+        ("client", files.client_cert, files.client_key, "/CN=convlock test client"),
+    ]
+    for serial, (kind, cert, key, subject) in enumerate(pairs, start=2):
+        csr = dir / f"{kind}.csr"
+        run("req", "-new", "-config", str(config), *newkey, "-keyout", str(key), "-out", str(csr),
+            "-subj", subject)  # fmt: skip
+        run("x509", "-req", "-in", str(csr), "-CA", str(files.ca_cert), "-CAkey", str(ca_key),
+            "-set_serial", str(serial), "-days", "3650", "-out", str(cert),
+            "-extfile", str(config), "-extensions", f"{kind}_ext")  # fmt: skip
+
+
+def _make_tls_files_cryptography(files: TLSFiles) -> None:
+    # Imported by name so that mypy checks this module alike whether or not
+    # cryptography is installed; its objects are used as Any here.
+    import datetime
+    import importlib
+    import ipaddress
+
+    x509: Any = importlib.import_module("cryptography.x509")
+    oid: Any = importlib.import_module("cryptography.x509.oid")
+    hashes: Any = importlib.import_module("cryptography.hazmat.primitives.hashes")
+    ec: Any = importlib.import_module("cryptography.hazmat.primitives.asymmetric.ec")
+    serialization: Any = importlib.import_module("cryptography.hazmat.primitives.serialization")
+
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    later = now + datetime.timedelta(days=3650)
+
+    def name(common_name: str) -> Any:
+        return x509.Name([x509.NameAttribute(oid.NameOID.COMMON_NAME, common_name)])
+
+    def write_key(key: Any, path: Path) -> None:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def usage(*, cert_sign: bool) -> Any:
+        return x509.KeyUsage(
+            digital_signature=not cert_sign,
+            content_commitment=False,
+            key_encipherment=not cert_sign,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=cert_sign,
+            crl_sign=cert_sign,
+            encipher_only=False,
+            decipher_only=False,
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("convlock test CA")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(later)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    leaves = [
+        (files.server_cert, files.server_key, "localhost", oid.ExtendedKeyUsageOID.SERVER_AUTH),
+        (files.client_cert, files.client_key, "convlock test client", oid.ExtendedKeyUsageOID.CLIENT_AUTH),
+    ]
+    for serial, (cert_path, key_path, common_name, purpose) in enumerate(leaves, start=2):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common_name))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now)
+            .not_valid_after(later)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+        )
+        if purpose == oid.ExtendedKeyUsageOID.SERVER_AUTH:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+                ),
+                critical=False,
+            )
+        cert_path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        write_key(key, key_path)
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -592,6 +766,10 @@ def start_redis(
     if username is not None and password is None:
         raise ValueError("an ACL user needs a password")
     binary = binary or find_redis_server()
+    if tls is not None and (reason := version_skip_reason((6, 0, 0), "TLS", binary)):
+        raise RedisUnsupported(reason)
+    if username is not None and (reason := version_skip_reason((6, 0, 0), "ACL users", binary)):
+        raise RedisUnsupported(reason)
     attempts = 1 if port is not None else START_ATTEMPTS
     last_error: RedisStartError | None = None
     for _ in range(attempts):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import redis_procs
 from redis_procs import RedisProcess, RedisStartError
@@ -218,3 +221,132 @@ def test_atexit_kills_servers_a_crashed_test_left_running(tmp_path: Path) -> Non
     )
     pid = int(out.stdout.split()[0])
     assert not _pid_alive(pid)
+
+
+# --------------------------------------------------------------------------
+# TLS
+
+
+def test_tls_files_verify_for_localhost_and_loopback_ip(redis_tls: RedisProcess) -> None:
+    files = redis_tls.tls_files
+    assert files is not None
+    context = ssl.create_default_context(cafile=str(files.ca_cert))
+    context.load_cert_chain(str(files.client_cert), str(files.client_key))
+    for name in ("localhost", "127.0.0.1"):
+        with (
+            socket.create_connection(("127.0.0.1", redis_tls.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=name) as tls,
+        ):
+            tls.sendall(b"PING\r\n")
+            assert tls.recv(64) == b"+PONG\r\n"
+
+
+def test_tls_redis_works_over_tls_with_client_cert(redis_tls: RedisProcess) -> None:
+    assert redis_tls.tls
+    assert redis_tls.url() == f"rediss://127.0.0.1:{redis_tls.port}"
+    assert redis_tls.command("SET", "tls:probe", "v") is True
+    assert redis_tls.command("GET", "tls:probe") == "v"
+    assert redis_tls.command("CONFIG", "GET", "port")["port"] == "0"
+
+
+async def test_tls_redis_works_with_only_the_ca(redis_tls: RedisProcess) -> None:
+    assert redis_tls.tls_files is not None
+    client = redis.asyncio.Redis.from_url(redis_tls.url(), ssl_ca_certs=str(redis_tls.tls_files.ca_cert))
+    try:
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+def test_tls_redis_refuses_plain_text(redis_tls: RedisProcess) -> None:
+    plain = redis.Redis(host="127.0.0.1", port=redis_tls.port, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+    with pytest.raises(redis.ConnectionError), plain:
+        plain.ping()
+
+
+def test_tls_redis_refuses_unverified_server_and_foreign_client_cert(
+    redis_tls: RedisProcess, tmp_path: Path
+) -> None:
+    other = redis_procs.make_tls_files(tmp_path / "other-ca")
+    no_retry = Retry(NoBackoff(), 0)
+    # The client does not trust a server signed by a CA it does not know...
+    distrustful = redis.Redis(
+        host="127.0.0.1", port=redis_tls.port, ssl=True, ssl_ca_certs=str(other.ca_cert), retry=no_retry
+    )
+    with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"), distrustful:
+        distrustful.ping()
+    assert redis_tls.tls_files is not None
+    # ...and the server does not accept a client certificate from one.
+    foreign = redis.Redis(
+        host="127.0.0.1",
+        port=redis_tls.port,
+        ssl=True,
+        ssl_ca_certs=str(redis_tls.tls_files.ca_cert),
+        ssl_certfile=str(other.client_cert),
+        ssl_keyfile=str(other.client_key),
+        retry=no_retry,
+    )
+    with pytest.raises(redis.ConnectionError), foreign:
+        foreign.ping()
+
+
+# --------------------------------------------------------------------------
+# ACL
+
+
+def test_acl_user_gets_in(redis_acl: RedisProcess) -> None:
+    assert redis_acl.username == redis_procs.ACL_USERNAME
+    assert redis_acl.command("ACL", "WHOAMI") == redis_procs.ACL_USERNAME
+    assert redis_acl.command("SET", "acl:probe", "v") is True
+    with redis.Redis.from_url(redis_acl.url(credentials=True), decode_responses=True) as client:
+        assert client.get("acl:probe") == "v"
+
+
+async def test_acl_user_gets_in_with_async_client(redis_acl: RedisProcess) -> None:
+    client = redis.asyncio.Redis(
+        host="127.0.0.1", port=redis_acl.port, username=redis_acl.username, password=redis_acl.password
+    )
+    try:
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [
+        (redis_procs.ACL_USERNAME, "wrong-password"),
+        (None, redis_procs.ACL_PASSWORD),  # the default user is off
+        ("nobody", redis_procs.ACL_PASSWORD),
+    ],
+)
+def test_acl_refuses_wrong_credentials(redis_acl: RedisProcess, username: str | None, password: str) -> None:
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=redis_acl.port,
+        username=username,
+        password=password,
+        retry=Retry(NoBackoff(), 0),
+    )
+    with pytest.raises(redis.AuthenticationError), client:
+        client.ping()
+
+
+def test_acl_refuses_clients_without_credentials(redis_acl: RedisProcess) -> None:
+    client = redis.Redis(host="127.0.0.1", port=redis_acl.port, retry=Retry(NoBackoff(), 0))
+    with pytest.raises(redis.AuthenticationError), client:
+        client.ping()
+
+
+def test_requirepass_server(tmp_path: Path) -> None:
+    proc = redis_procs.start_redis(tmp_path, password="sesame")
+    try:
+        assert proc.command("PING") is True
+        assert proc.url(credentials=True) == f"redis://:sesame@127.0.0.1:{proc.port}"
+        with (
+            pytest.raises(redis.AuthenticationError),
+            redis.Redis(port=proc.port, password="nope", retry=Retry(NoBackoff(), 0)) as bad,
+        ):
+            bad.ping()
+    finally:
+        proc.stop()
