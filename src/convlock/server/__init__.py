@@ -1,0 +1,25 @@
+"""``convlock run``: a chat message server whose replicas share locks and fenced state.
+
+Modules, in the order data flows: ``options`` (flags and endpoints.yml to
+stores), ``tracker``/``redis_tracker``/``tracker_factory`` (conversation
+state), ``handlers``/``conversation`` (the handler protocol), ``validation``
+and ``channel`` (the webhook), ``admin`` (health, locks, tracker, metrics),
+``metrics``, ``openapi``, and ``app`` (the Starlette app).
+"""
+
+from __future__ import annotations
+
+from .conversation import Conversation, Message
+from .handlers import Handler, HandlerResult
+from .tracker import InMemoryTrackerStore, StaleTicketError, TrackerRecord, TrackerStore
+
+__all__ = [
+    "Conversation",
+    "Handler",
+    "HandlerResult",
+    "InMemoryTrackerStore",
+    "Message",
+    "StaleTicketError",
+    "TrackerRecord",
+    "TrackerStore",
+]

@@ -1,0 +1,148 @@
+"""Read and admin endpoints: health, tracker, locks, force-release, metrics.
+
+Only ``DELETE /locks/{id}`` changes anything, so only it needs the token
+given with ``--auth-token`` (as ``Authorization: Bearer <token>`` or
+``?token=<token>``). Without a configured token, force-release is disabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import LockError
+from ..ids import check_conversation_id
+from .context import ServerContext
+from .metrics import CONTENT_TYPE
+from .responses import ApiError, JSONResponse
+from .tracker import TrackerStoreUnavailable
+
+__all__ = ["force_release", "health", "inspect_lock", "list_locks", "metrics", "tracker"]
+
+#: At most this many locks are listed by ``GET /locks``; the reply says if it was cut.
+MAX_LISTED_LOCKS = 1000
+#: A store that does not answer a health ping within this many seconds counts as down.
+HEALTH_TIMEOUT = 5.0
+
+
+def _ctx(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.ctx
+    return ctx
+
+
+def _conversation_id(request: Request) -> str:
+    raw = request.path_params["conversation_id"]
+    try:
+        return check_conversation_id(raw)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_conversation_id", str(exc)) from None
+
+
+async def health(request: Request) -> Response:
+    """200 when both stores answer a ping, else 503 naming the one that did not."""
+    ctx = _ctx(request)
+    report: dict[str, object] = {}
+    healthy = True
+    for name, store, ping in (
+        ("lock_store", ctx.lock_store, ctx.lock_store.ping),
+        ("tracker_store", ctx.tracker_store, ctx.tracker_store.ping),
+    ):
+        backend = str(store.statistics().get("backend", type(store).__name__))
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await ping()
+            report[name] = {"status": "ok", "backend": backend}
+        except (LockError, TrackerStoreUnavailable, ConnectionError, TimeoutError) as exc:
+            healthy = False
+            report[name] = {
+                "status": "unavailable",
+                "backend": backend,
+                "reason": str(exc) or type(exc).__name__,
+            }
+    return JSONResponse(
+        {"status": "ok" if healthy else "unavailable", **report}, status_code=200 if healthy else 503
+    )
+
+
+async def tracker(request: Request) -> Response:
+    """The conversation's stored events and state, with its last applied ticket and fence."""
+    ctx = _ctx(request)
+    cid = _conversation_id(request)
+    try:
+        record = await ctx.tracker_store.load(cid)
+    except TrackerStoreUnavailable as exc:
+        raise ApiError(503, "store_unavailable", str(exc)) from None
+    return JSONResponse(record.as_dict())
+
+
+async def list_locks(request: Request) -> Response:
+    """Snapshots of the conversations that are locked or have waiters now."""
+    ctx = _ctx(request)
+    locks: list[dict[str, Any]] = []
+    truncated = False
+    try:
+        async for cid in ctx.lock_store.conversations():
+            if len(locks) >= MAX_LISTED_LOCKS:
+                truncated = True
+                break
+            snapshot = await ctx.lock_store.inspect(cid)
+            if snapshot is not None:
+                locks.append(snapshot.as_dict())
+    except LockError as exc:
+        raise ApiError(503, "store_unavailable", str(exc)) from None
+    return JSONResponse({"locks": locks, "truncated": truncated})
+
+
+async def inspect_lock(request: Request) -> Response:
+    """One conversation's queue; ``serving`` is null when nothing is held."""
+    ctx = _ctx(request)
+    cid = _conversation_id(request)
+    try:
+        snapshot = await ctx.lock_store.inspect(cid)
+    except LockError as exc:
+        raise ApiError(503, "store_unavailable", str(exc)) from None
+    if snapshot is None:
+        return JSONResponse({"conversation_id": cid, "serving": None, "waiting": []})
+    return JSONResponse(snapshot.as_dict())
+
+
+def _check_token(request: Request, expected: str | None) -> None:
+    if expected is None:
+        raise ApiError(
+            403, "forbidden", "force-release is disabled; start convlock run with --auth-token to enable it"
+        )
+    given = request.query_params.get("token")
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        given = credentials.strip()
+    if given is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "give the --auth-token as 'Authorization: Bearer <token>' or '?token=<token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8")):
+        raise ApiError(401, "unauthorized", "the token is wrong", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def force_release(request: Request) -> Response:
+    """Revoke the conversation's holder and serve the next ticket; needs the auth token."""
+    ctx = _ctx(request)
+    _check_token(request, ctx.auth_token)
+    cid = _conversation_id(request)
+    try:
+        revoked = await ctx.lock_store.force_release(cid)
+    except LockError as exc:
+        raise ApiError(503, "store_unavailable", str(exc)) from None
+    return JSONResponse({"conversation_id": cid, "revoked_ticket": revoked})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this process's metrics."""
+    return Response(_ctx(request).metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,136 @@
+"""Assembling the Starlette app: routes, JSON errors, metrics middleware, lifespan.
+
+``build_app(ctx)`` serves one :class:`ServerContext`; the app closes the
+context's stores when it shuts down. ``app_from_environment()`` is the
+factory uvicorn's worker processes call (``--workers N``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from . import admin
+from .channel import webhook
+from .context import ServerContext
+from .openapi import openapi_document
+from .options import ServerOptions, build_context
+from .responses import ApiError, JSONResponse, error_response
+
+__all__ = ["app_from_environment", "build_app"]
+
+logger = logging.getLogger("convlock.server")
+
+
+class _MetricsMiddleware:
+    """Counts and times every HTTP request by its route template and status."""
+
+    def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            # Route templates with a path converter read "{conversation_id:path}"; drop the converter.
+            template = template.replace(":path}", "}")
+            self.ctx.metrics.observe_request(scope["method"], template, status, time.perf_counter() - start)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        reason = f"no such route: {request.method} {request.url.path}; see /openapi.json"
+        return error_response(404, "not_found", reason)
+    if exc.status_code == 405:
+        headers = dict(exc.headers or {})
+        return error_response(
+            405, "method_not_allowed", f"{request.method} is not allowed here", headers=headers
+        )
+    return error_response(exc.status_code, "http_error", str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log")
+
+
+def _routes() -> list[BaseRoute]:
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(__version__))
+
+    async def root(request: Request) -> Response:
+        return JSONResponse({"name": "convlock", "version": __version__, "openapi": "/openapi.json"})
+
+    return [
+        Route("/", root, methods=["GET"]),
+        Route("/webhooks/rest/webhook", webhook, methods=["POST"]),
+        Route("/health", admin.health, methods=["GET"]),
+        Route("/conversations/{conversation_id:path}/tracker", admin.tracker, methods=["GET"]),
+        Route("/locks", admin.list_locks, methods=["GET"]),
+        Route("/locks/{conversation_id:path}", admin.inspect_lock, methods=["GET"]),
+        Route("/locks/{conversation_id:path}", admin.force_release, methods=["DELETE"]),
+        Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+
+
+def build_app(ctx: ServerContext) -> Starlette:
+    """The ASGI app serving ``ctx``; it closes ``ctx``'s stores on shutdown."""
+    ctx.metrics.bind_stores(ctx.lock_store.statistics, ctx.tracker_store.statistics)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        # The server has stopped accepting and the requests in flight have
+        # finished (or were cancelled past the graceful timeout), so every
+        # lock has been released by its ``async with``.
+        if ctx.in_flight:
+            logger.warning("shutting down with %d messages still in flight", ctx.in_flight)
+        await ctx.lock_store.aclose()
+        await ctx.tracker_store.aclose()
+        logger.info("stores closed")
+
+    app = Starlette(
+        routes=_routes(),
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.add_middleware(_MetricsMiddleware, ctx=ctx)
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """The app of one uvicorn worker process, built from ``CONVLOCK_RUN_OPTIONS``."""
+    return build_app(build_context(ServerOptions.from_environment()))

@@ -1,0 +1,191 @@
+"""The REST channel: ``POST /webhooks/rest/webhook``.
+
+Each message is processed inside ``lock_store.lock(sender)``: load the
+conversation (raising the tracker's fence to this ticket), call the handler
+under ``handler_timeout``, save events and state fenced by the same ticket,
+release. Whatever goes wrong, the lock is released by leaving the ``async
+with`` block and nothing is saved unless the handler finished in time.
+
+Outcomes: 200 with the responses; 409 when the tracker refused this ticket
+as stale (the lease lapsed or was revoked and a newer holder took over);
+504 when the handler ran out of time; 500 when it raised or returned
+something that is not JSON; 503 when a store is unreachable or the lock was
+not granted within the lock store's ``wait_timeout``.
+
+The ``Server-Timing`` header of a 200 splits the request time into
+``lock`` (waiting for and acquiring the lock), ``load``, ``handler``,
+``save``, ``release`` and ``total`` (milliseconds), so a client can see
+what the lock costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import LockStoreUnavailable, LockTimeoutError
+from .context import ServerContext
+from .conversation import Conversation, Message
+from .handlers import normalize_responses
+from .responses import ApiError, JSONResponse
+from .tracker import StaleTicketError, TrackerStoreUnavailable, dumps
+from .validation import parse_json, read_body, validate_webhook
+
+__all__ = ["process_message", "webhook"]
+
+logger = logging.getLogger("convlock.server")
+
+
+class _Timing:
+    """Named durations of one request, rendered as a ``Server-Timing`` header."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in self.parts.items())
+
+
+async def webhook(request: Request) -> Response:
+    """Validate the body, process the message, answer with the handler's responses."""
+    ctx: ServerContext = request.app.state.ctx
+    body = await read_body(request)
+    payload = validate_webhook(parse_json(body))
+    message = Message(payload.sender, payload.message, payload.metadata or {})
+    timing = _Timing()
+    responses = await process_message(ctx, message, timing)
+    return JSONResponse(responses, headers={"Server-Timing": timing.header()})
+
+
+async def process_message(ctx: ServerContext, message: Message, timing: Any = None) -> list[dict[str, Any]]:
+    """Run one message through lock, load, handler, save and release.
+
+    Returns the response dicts, or raises :class:`ApiError` with the status
+    the client should get. ``timing`` (optional) receives the phase durations.
+    """
+    parts: dict[str, float] = timing.parts if timing is not None else {}
+    metrics = ctx.metrics
+    metrics.in_flight.inc()
+    ctx.in_flight += 1
+    outcome = "ok"
+    start = time.perf_counter()
+    acquired = released = 0.0
+    try:
+        async with ctx.lock_store.lock(message.sender) as held:
+            acquired = time.perf_counter()
+            parts["lock"] = acquired - start
+            metrics.lock_wait.observe(acquired - start)
+            try:
+                responses = await _locked(ctx, message, held.ticket, parts)
+            finally:
+                leaving = time.perf_counter()
+        released = time.perf_counter()
+        parts["release"] = released - leaving
+        parts["total"] = released - start
+        return responses
+    except ApiError as exc:
+        outcome = {409: "stale", 504: "handler_timeout", 500: "handler_error"}.get(
+            exc.status_code, "unavailable"
+        )
+        raise
+    except LockTimeoutError as exc:
+        outcome = "lock_timeout"
+        raise ApiError(503, "lock_timeout", str(exc), headers={"Retry-After": "1"}) from None
+    except (LockStoreUnavailable, TrackerStoreUnavailable) as exc:
+        outcome = "unavailable"
+        raise ApiError(503, "store_unavailable", str(exc), headers={"Retry-After": "1"}) from None
+    finally:
+        if acquired:
+            metrics.lock_hold.observe((released or time.perf_counter()) - acquired)
+        metrics.messages.labels(outcome).inc()
+        metrics.in_flight.dec()
+        ctx.in_flight -= 1
+
+
+async def _locked(
+    ctx: ServerContext, message: Message, ticket: int, parts: dict[str, float]
+) -> list[dict[str, Any]]:
+    """The part of a message's processing that runs while holding the lock."""
+    metrics = ctx.metrics
+    cid = message.sender
+    t0 = time.perf_counter()
+    try:
+        record = await ctx.tracker_store.load(cid, ticket=ticket)
+    except StaleTicketError as exc:
+        raise ApiError(409, "stale_ticket", str(exc)) from None
+    t1 = time.perf_counter()
+    parts["load"] = t1 - t0
+    metrics.tracker_seconds.labels("load").observe(t1 - t0)
+
+    turn = 1 + sum(1 for event in record.events if event.get("event") == "user")
+    conversation = Conversation(cid, tuple(record.events), record.state, turn, ticket)
+    timeout = asyncio.timeout(ctx.handler_timeout)
+    try:
+        async with timeout:
+            result = await ctx.handler(message, conversation)
+        responses = normalize_responses(result, cid)
+        # Prove the results are JSON before anything is saved.
+        dumps(responses)
+        dumps(conversation.state)
+    except TimeoutError as exc:
+        if not timeout.expired():
+            raise _handler_error(cid, exc) from None
+        raise ApiError(
+            504,
+            "handler_timeout",
+            f"the handler did not answer within {ctx.handler_timeout:g}s; the conversation's state is "
+            "unchanged and its lock was released",
+        ) from None
+    except Exception as exc:
+        raise _handler_error(cid, exc) from None
+    finally:
+        t2 = time.perf_counter()
+        parts["handler"] = t2 - t1
+        metrics.handler_seconds.observe(t2 - t1)
+
+    now = time.time()
+    user_event: dict[str, Any] = {
+        "event": "user",
+        "text": message.text,
+        "turn": turn,
+        "ticket": ticket,
+        "timestamp": now,
+    }
+    if message.metadata:
+        user_event["metadata"] = dict(message.metadata)
+    bot_events = [
+        {
+            "event": "bot",
+            "turn": turn,
+            "timestamp": now,
+            **{k: v for k, v in response.items() if k != "recipient_id"},
+        }
+        for response in responses
+    ]
+    try:
+        await ctx.tracker_store.save(
+            cid, ticket=ticket, new_events=[user_event, *bot_events], state=conversation.state
+        )
+    except StaleTicketError as exc:
+        raise ApiError(409, "stale_ticket", str(exc)) from None
+    t3 = time.perf_counter()
+    parts["save"] = t3 - t2
+    metrics.tracker_seconds.labels("save").observe(t3 - t2)
+    return responses
+
+
+def _handler_error(conversation_id: str, exc: Exception) -> ApiError:
+    # Logged with its traceback here, where it is still being handled.
+    logger.exception("handler failed for conversation %r; state left unchanged", conversation_id)
+    detail = f"{type(exc).__name__}: {exc}"
+    return ApiError(
+        500,
+        "handler_error",
+        f"the handler failed ({detail[:500]}); the conversation's state is unchanged "
+        "and its lock was released",
+    )

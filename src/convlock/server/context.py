@@ -1,0 +1,30 @@
+"""The objects every endpoint shares, built once per app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..store import LockStore
+from .handlers import Handler
+from .metrics import ServerMetrics
+from .tracker import TrackerStore
+
+__all__ = ["ServerContext"]
+
+
+@dataclass(slots=True)
+class ServerContext:
+    """Stores, handler and options of one running app (``request.app.state.ctx``).
+
+    ``handler_timeout`` bounds each handler call in seconds (None: no bound).
+    ``auth_token`` guards the admin write endpoints (None: they are disabled).
+    ``in_flight`` counts messages being processed, for shutdown logging.
+    """
+
+    lock_store: LockStore
+    tracker_store: TrackerStore
+    handler: Handler
+    handler_timeout: float | None = 30.0
+    auth_token: str | None = None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    in_flight: int = 0

@@ -1,0 +1,123 @@
+"""Prometheus metrics, one registry per app so that apps in one process never mix.
+
+Names (all prefixed ``convlock_``):
+
+* ``http_requests_total{method,route,status}`` and
+  ``http_request_duration_seconds{method,route}``: every request, by route
+  template (``/locks/{conversation_id}``), so IDs never become labels;
+* ``messages_total{outcome}``: webhook messages by outcome: ``ok``,
+  ``stale`` (409), ``handler_timeout`` (504), ``handler_error`` (500),
+  ``lock_timeout`` and ``unavailable`` (503);
+* ``messages_in_flight``: messages being processed now;
+* ``lock_wait_seconds``: from drawing a ticket to holding the lock;
+* ``lock_hold_seconds``: from holding the lock to having released it;
+* ``handler_seconds``: handler wall time;
+* ``tracker_seconds{operation}``: tracker ``load`` and ``save`` time;
+* ``lock_store_statistic{name}`` and ``tracker_store_statistic{name}``: the
+  numeric entries of each store's ``statistics()``, read at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latencies from a fraction of a millisecond (in-memory lock) to a minute (a stuck handler).
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _StoreStatistics(Collector):
+    """Exposes a store's numeric ``statistics()`` as one gauge family."""
+
+    def __init__(self, name: str, documentation: str, source: Callable[[], Mapping[str, Any] | None]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self._name, self._documentation, labels=["name"])
+        for key, value in sorted((self._source() or {}).items()):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                family.add_metric([str(key)], float(value))
+        yield family
+
+
+class ServerMetrics:
+    """The app's instruments and their registry; ``render()`` gives the scrape text."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "convlock_http_requests",
+            "HTTP requests by route template and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "convlock_http_request_duration_seconds",
+            "HTTP request time",
+            ["method", "route"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.messages = Counter("convlock_messages", "Webhook messages by outcome", ["outcome"], registry=r)
+        self.in_flight = Gauge("convlock_messages_in_flight", "Messages being processed", registry=r)
+        self.lock_wait = Histogram(
+            "convlock_lock_wait_seconds",
+            "From drawing a ticket to holding the lock",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.lock_hold = Histogram(
+            "convlock_lock_hold_seconds",
+            "From holding the lock to having released it",
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "convlock_handler_seconds", "Handler wall time", buckets=_BUCKETS, registry=r
+        )
+        self.tracker_seconds = Histogram(
+            "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=_BUCKETS, registry=r
+        )
+        self._lock_stats: Callable[[], Mapping[str, Any]] | None = None
+        self._tracker_stats: Callable[[], Mapping[str, Any]] | None = None
+        r.register(
+            _StoreStatistics(
+                "convlock_lock_store_statistic",
+                "Numeric statistics() of the lock store",
+                lambda: self._lock_stats() if self._lock_stats else None,
+            )
+        )
+        r.register(
+            _StoreStatistics(
+                "convlock_tracker_store_statistic",
+                "Numeric statistics() of the tracker store",
+                lambda: self._tracker_stats() if self._tracker_stats else None,
+            )
+        )
+
+    def bind_stores(
+        self, lock_stats: Callable[[], Mapping[str, Any]], tracker_stats: Callable[[], Mapping[str, Any]]
+    ) -> None:
+        """Read store statistics from these callables at each scrape."""
+        self._lock_stats = lock_stats
+        self._tracker_stats = tracker_stats
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one finished HTTP request."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_seconds.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,237 @@
+"""The OpenAPI 3.0 description served at ``/openapi.json``.
+
+Written out by hand rather than generated, so that it documents every
+status an endpoint can answer with (schemathesis checks that the server
+keeps to it) and stays valid OpenAPI 3.0 whatever the pydantic version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .validation import MAX_BODY_BYTES
+
+__all__ = ["openapi_document"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_CID = {
+    "name": "conversation_id",
+    "in": "path",
+    "required": True,
+    "description": "The conversation (sender) ID: 1 to 4096 UTF-8 bytes",
+    "schema": {"type": "string", "minLength": 1},
+}
+
+_UNAVAILABLE = _error("A store is unreachable, or the lock was not granted within wait_timeout")
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "reason"],
+        "properties": {"error": {"type": "string"}, "reason": {"type": "string"}},
+    },
+    "WebhookRequest": {
+        "type": "object",
+        "required": ["sender", "message"],
+        "properties": {
+            "sender": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 1024,
+                "description": "Conversation ID, at most 4096 UTF-8 bytes",
+            },
+            "message": {"type": "string"},
+            "metadata": {"type": "object", "nullable": True, "additionalProperties": True},
+        },
+    },
+    "BotResponse": {
+        "type": "object",
+        "required": ["recipient_id"],
+        "properties": {"recipient_id": {"type": "string"}, "text": {"type": "string"}},
+        "additionalProperties": True,
+    },
+    "Tracker": {
+        "type": "object",
+        "required": ["conversation_id", "events", "state", "ticket", "fence"],
+        "properties": {
+            "conversation_id": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "object", "additionalProperties": True}},
+            "state": {"type": "object", "additionalProperties": True},
+            "ticket": {"type": "integer", "description": "Ticket of the last applied save (0: none)"},
+            "fence": {"type": "integer", "description": "Highest ticket that loaded or saved"},
+        },
+    },
+    "Lease": {
+        "type": "object",
+        "required": ["ticket", "expires_in"],
+        "properties": {"ticket": {"type": "integer"}, "expires_in": {"type": "number"}},
+    },
+    "LockSnapshot": {
+        "type": "object",
+        "required": ["conversation_id", "serving", "waiting"],
+        "properties": {
+            "conversation_id": {"type": "string"},
+            "serving": {"allOf": [_ref("Lease")], "nullable": True},
+            "waiting": {"type": "array", "items": _ref("Lease")},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok", "unavailable"]}},
+        "additionalProperties": True,
+    },
+}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.0.3 document of ``convlock run``'s HTTP API."""
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "convlock run",
+            "version": version,
+            "description": "A chat message server whose replicas share per-conversation ticket locks "
+            "and fenced conversation state.",
+        },
+        "paths": {
+            "/webhooks/rest/webhook": {
+                "post": {
+                    "operationId": "sendMessage",
+                    "summary": "Process one message of a conversation and return the bot's responses",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("WebhookRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(
+                            {"type": "array", "items": _ref("BotResponse")}, "The handler's responses"
+                        ),
+                        "400": _error("The body is not valid JSON"),
+                        "409": _error(
+                            "This message's lock lease lapsed and a newer holder took over; nothing saved"
+                        ),
+                        "413": _error(f"The body is over {MAX_BODY_BYTES} bytes"),
+                        "422": _error("A field is missing or has the wrong type or size"),
+                        "500": _error("The handler raised; state unchanged"),
+                        "503": _UNAVAILABLE,
+                        "504": _error("The handler ran past --handler-timeout; state unchanged"),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Ping the lock and tracker stores",
+                    "responses": {
+                        "200": _json(_ref("Health"), "Both stores answer"),
+                        "503": _json(_ref("Health"), "A store does not answer"),
+                    },
+                }
+            },
+            "/conversations/{conversation_id}/tracker": {
+                "get": {
+                    "operationId": "getTracker",
+                    "summary": "The conversation's events, state and tickets",
+                    "parameters": [_CID],
+                    "responses": {
+                        "200": _json(_ref("Tracker"), "The stored conversation (empty if never saved)"),
+                        "422": _error("The conversation ID is too long"),
+                        "503": _UNAVAILABLE,
+                    },
+                }
+            },
+            "/locks": {
+                "get": {
+                    "operationId": "listLocks",
+                    "summary": "Snapshots of every locked conversation",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["locks", "truncated"],
+                                "properties": {
+                                    "locks": {"type": "array", "items": _ref("LockSnapshot")},
+                                    "truncated": {"type": "boolean"},
+                                },
+                            },
+                            "The locks held or waited for now",
+                        ),
+                        "503": _UNAVAILABLE,
+                    },
+                }
+            },
+            "/locks/{conversation_id}": {
+                "get": {
+                    "operationId": "getLock",
+                    "summary": "One conversation's lock queue",
+                    "parameters": [_CID],
+                    "responses": {
+                        "200": _json(_ref("LockSnapshot"), "The queue; serving is null when unlocked"),
+                        "422": _error("The conversation ID is too long"),
+                        "503": _UNAVAILABLE,
+                    },
+                },
+                "delete": {
+                    "operationId": "forceRelease",
+                    "summary": "Revoke the holder and serve the next ticket (needs --auth-token)",
+                    "parameters": [
+                        _CID,
+                        {
+                            "name": "token",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "The auth token, if not given as a bearer header",
+                        },
+                    ],
+                    "security": [{"bearerAuth": []}, {}],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["conversation_id", "revoked_ticket"],
+                                "properties": {
+                                    "conversation_id": {"type": "string"},
+                                    "revoked_ticket": {"type": "integer", "nullable": True},
+                                },
+                            },
+                            "The revoked ticket, or null if nothing was held",
+                        ),
+                        "401": _error("The token is missing or wrong"),
+                        "403": _error("The server has no --auth-token: force-release is disabled"),
+                        "422": _error("The conversation ID is too long"),
+                        "503": _UNAVAILABLE,
+                    },
+                },
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }

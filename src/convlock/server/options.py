@@ -1,0 +1,98 @@
+"""From ``convlock run``'s options to a :class:`ServerContext`: stores, handler, checks.
+
+Everything that can be wrong with the configuration is found here, before
+the server listens, and reported as a :class:`~convlock.ConfigError` naming
+the key or flag and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..config import load_endpoints
+from ..errors import ConfigError
+from ..factory import create_lock_store
+from ..memory import InMemoryLockStore
+from .context import ServerContext
+from .handlers import DEFAULT_HANDLER, load_handler
+from .tracker import InMemoryTrackerStore
+from .tracker_factory import create_tracker_store
+
+__all__ = ["OPTIONS_ENV", "ServerOptions", "build_context"]
+
+#: Worker processes started by uvicorn read their options from this variable.
+OPTIONS_ENV = "CONVLOCK_RUN_OPTIONS"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """What ``convlock run`` was asked for, in a form that survives a trip through JSON."""
+
+    endpoints: str | None = None
+    handler: str = DEFAULT_HANDLER
+    handler_timeout: float | None = 30.0
+    auth_token: str | None = None
+    workers: int = 1
+
+    def to_environment(self) -> str:
+        """JSON for :data:`OPTIONS_ENV`."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_environment(cls) -> ServerOptions:
+        """Read the options a parent ``convlock run`` left in :data:`OPTIONS_ENV`."""
+        raw = os.environ.get(OPTIONS_ENV)
+        if raw is None:
+            raise ConfigError(
+                f"{OPTIONS_ENV} is not set; start worker processes with 'convlock run --workers N'"
+            )
+        data: dict[str, Any] = json.loads(raw)
+        return cls(**data)
+
+
+def build_context(options: ServerOptions) -> ServerContext:
+    """Build the stores and load the handler; raise ``ConfigError`` for a setup that cannot work."""
+    config = load_endpoints(options.endpoints) if options.endpoints else {}
+    handler = load_handler(options.handler)
+    lock_store = create_lock_store(config.get("lock_store"))
+    tracker_store = create_tracker_store(config.get("tracker_store"))
+    # Stores connect lazily, so on refusal dropping them is enough.
+    _check_combination(options, lock_store, tracker_store)
+    return ServerContext(
+        lock_store=lock_store,
+        tracker_store=tracker_store,
+        handler=handler,
+        handler_timeout=options.handler_timeout,
+        auth_token=options.auth_token,
+    )
+
+
+def _check_combination(options: ServerOptions, lock_store: object, tracker_store: object) -> None:
+    if options.workers > 1 and isinstance(lock_store, InMemoryLockStore):
+        raise ConfigError(
+            f"--workers {options.workers}: workers are separate processes and the in-memory lock store "
+            "lives in one process; set 'lock_store: {type: redis, ...}' in endpoints.yml so they share "
+            "locks, or run with --workers 1"
+        )
+    if options.workers > 1 and isinstance(tracker_store, InMemoryTrackerStore):
+        raise ConfigError(
+            f"--workers {options.workers}: workers are separate processes and the in-memory tracker store "
+            "lives in one process; set 'tracker_store: {type: redis, ...}' in endpoints.yml so they share "
+            "conversation state, or run with --workers 1"
+        )
+    if isinstance(lock_store, InMemoryLockStore) and not isinstance(tracker_store, InMemoryTrackerStore):
+        raise ConfigError(
+            "lock_store.type: the in-memory lock store restarts its tickets at 1 with every process, "
+            "while this tracker_store outlives the process, so its fencing would refuse every save after "
+            "a restart; set lock_store type: redis as well"
+        )
+    expire_after = getattr(tracker_store, "expire_after", None)
+    lifetime = getattr(lock_store, "lifetime", None)
+    if isinstance(expire_after, float) and isinstance(lifetime, float) and expire_after <= 2 * lifetime:
+        raise ConfigError(
+            f"tracker_store.expire_after: got {expire_after:g}; it must be more than twice the lock "
+            f"lifetime ({lifetime:g}s) or a conversation could expire while its message is processed"
+        )

@@ -1,0 +1,51 @@
+"""JSON error responses: every refusal says what went wrong in a ``reason``.
+
+Endpoints raise :class:`ApiError`; the app's exception handlers turn it (and
+Starlette's own 404/405) into ``{"error": <code>, "reason": <text>}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import Response
+
+__all__ = ["ApiError", "JSONResponse", "error_response"]
+
+
+class JSONResponse(Response):
+    """A JSON response that can encode any ``str`` (lone surrogates are escaped).
+
+    Starlette's own JSONResponse writes raw UTF-8 and would fail with a 500
+    on a lone surrogate echoed from a request, so this one escapes non-ASCII.
+    """
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class ApiError(Exception):
+    """An HTTP error with a machine-readable ``error`` code and a human ``reason``."""
+
+    def __init__(
+        self, status_code: int, error: str, reason: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.status_code = status_code
+        self.error = error
+        self.reason = reason
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        """The JSON response for this error."""
+        return error_response(self.status_code, self.error, self.reason, headers=self.headers)
+
+
+def error_response(
+    status_code: int, error: str, reason: str, *, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """``{"error": error, "reason": reason}`` with ``status_code``."""
+    return JSONResponse({"error": error, "reason": reason}, status_code=status_code, headers=headers)

@@ -1,0 +1,122 @@
+"""Reading and validating request bodies without trusting them.
+
+The body is read in chunks and abandoned as soon as it passes the limit
+(``Content-Length`` is checked first, so a declared oversize body is refused
+before any of it is read). JSON is parsed strictly: no ``NaN``/``Infinity``,
+no overflowing numbers, no lone surrogates, bounded nesting, so whatever is
+accepted can be stored and echoed as JSON again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from starlette.requests import Request
+
+from ..ids import check_conversation_id
+from .responses import ApiError
+
+__all__ = ["MAX_BODY_BYTES", "WebhookRequest", "parse_json", "read_body", "validate_webhook"]
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, or :class:`ApiError` 413 once it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", "Content-Length is not a number") from None
+        if size > limit:
+            raise ApiError(
+                413, "body_too_large", f"the body is {size} bytes; the limit is {limit} bytes (1 MiB)"
+            )
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes (1 MiB)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse strict JSON, or raise :class:`ApiError` 400 saying why it is not."""
+    if not body:
+        raise ApiError(400, "invalid_json", "the body is empty; send a JSON object")
+    try:
+        text = body.decode("utf-8")
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        # Re-encoding proves the value can be stored and echoed: it fails on
+        # lone surrogates ("\ud800") and on nesting too deep to serialize.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeError:
+        raise ApiError(
+            400, "invalid_json", "the body is not valid UTF-8 text (or holds a lone surrogate)"
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the JSON is nested too deeply") from None
+    except ValueError as exc:  # json.JSONDecodeError, int digit limits, refused constants
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    return value
+
+
+class WebhookRequest(BaseModel):
+    """The body of ``POST /webhooks/rest/webhook``.
+
+    ``sender`` names the conversation (non-empty, at most 4096 UTF-8 bytes);
+    ``message`` is the text; ``metadata`` is an optional JSON object passed
+    to the handler and stored with the event. Unknown keys are ignored.
+    """
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    sender: str
+    message: str
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("sender")
+    @classmethod
+    def _check_sender(cls, value: str) -> str:
+        return check_conversation_id(value)
+
+
+def validate_webhook(payload: Any) -> WebhookRequest:
+    """Validate a parsed body, or raise :class:`ApiError` 422 naming each bad field."""
+    if not isinstance(payload, dict):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"the body must be a JSON object with 'sender' and 'message', got {_kind(payload)}",
+        )
+    try:
+        return WebhookRequest.model_validate(payload)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "body"
+            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+        raise ApiError(422, "invalid_request", "; ".join(problems)) from None
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
