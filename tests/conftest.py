@@ -15,7 +15,7 @@ from typing import TypeVar
 import pytest
 
 import redis_procs
-from redis_procs import RedisProcess, RedisUnsupported
+from redis_procs import ClusterSetup, RedisProcess, RedisUnsupported, SentinelSetup
 
 T = TypeVar("T")
 
@@ -114,3 +114,41 @@ def redis_acl(tmp_path_factory: pytest.TempPathFactory, redis_binary: str) -> It
     )
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory, redis_binary: str) -> Iterator[SentinelSetup]:
+    """A master with one in-sync replica and one sentinel monitoring it as ``"mymaster"`` (quorum 1).
+
+    ``.endpoints()`` lists the sentinel as ``"127.0.0.1:PORT"``; ``.master``,
+    ``.replicas`` and ``.sentinels`` are the processes. Shared by the
+    session and not flushed: use your own keys (or ``.master.command("FLUSHALL")``),
+    and do not stop or fail over its processes; start a private setup with
+    ``redis_procs.start_sentinel_setup(tmp_path, down_after_ms=...)`` for
+    that.
+    """
+    setup = _start_or_skip(
+        lambda: redis_procs.start_sentinel_setup(
+            tmp_path_factory.mktemp("redis-sentinel"), binary=redis_binary
+        )
+    )
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory, redis_binary: str) -> Iterator[ClusterSetup]:
+    """A three-master Redis Cluster on loopback with all 16384 slots assigned and ``cluster_state:ok``.
+
+    ``.endpoints()`` lists the nodes as ``"127.0.0.1:PORT"``; ``.nodes[i]``
+    serves slots ``.slot_ranges[i]`` (0-5460, 5461-10922, 10923-16383);
+    ``.node_for_key(key)`` names the node that holds a key. No replicas.
+    Shared by the session and not flushed: use your own keys or call
+    ``.flush()``, and do not stop its nodes; call
+    ``redis_procs.start_cluster(tmp_path)`` for a private one.
+    """
+    setup = _start_or_skip(
+        lambda: redis_procs.start_cluster(tmp_path_factory.mktemp("redis-cluster"), binary=redis_binary)
+    )
+    yield setup
+    setup.stop()

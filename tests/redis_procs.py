@@ -44,18 +44,24 @@ if TYPE_CHECKING:
 __all__ = [
     "ACL_PASSWORD",
     "ACL_USERNAME",
+    "CLUSTER_SLOTS",
     "REDIS_SERVER_ENV",
+    "ClusterSetup",
     "RedisProcess",
     "RedisStartError",
     "RedisUnsupported",
+    "SentinelSetup",
     "TLSFiles",
     "find_redis_server",
     "free_port",
     "make_tls_files",
     "redis_version",
     "skip_if_redis_older",
+    "start_cluster",
     "start_redis",
+    "start_sentinel_setup",
     "stop_all",
+    "version_skip_reason",
 ]
 
 REDIS_SERVER_ENV = "CONVLOCK_REDIS_SERVER"
@@ -574,6 +580,10 @@ class RedisProcess:
         """``INFO [section]`` as ``{field: value}`` strings, exactly as the server wrote them."""
         return _parse_info(self._raw("INFO", *([section] if section else [])))
 
+    def cluster_info(self) -> dict[str, str]:
+        """``CLUSTER INFO`` as ``{field: value}`` strings (the sync client leaves it unparsed)."""
+        return _parse_info(self._raw("CLUSTER", "INFO"))
+
     def version(self) -> tuple[int, int, int]:
         """The running server's ``redis_version`` from ``INFO server``."""
         major, minor, patch = (int(part) for part in self.info("server")["redis_version"].split(".")[:3])
@@ -736,6 +746,72 @@ def _acl_args(binary: str, username: str, password: str) -> list[str]:
     return ["--user", username, *rules, "--user", "default", "off"]
 
 
+# Builds (without starting) the process that is to listen on the given port.
+_Maker = Callable[[int], RedisProcess]
+
+
+def _new_process(
+    binary: str,
+    tmp_dir: Path,
+    port: int,
+    name: str,
+    args: Callable[[int, Path], list[str]],
+    *,
+    tls: TLSFiles | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    sentinel: bool = False,
+) -> RedisProcess:
+    directory = Path(tmp_dir) / f"{name}-{port}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return RedisProcess(
+        host=HOST,
+        port=port,
+        pid=0,
+        dir=directory,
+        tls=tls is not None,
+        binary=binary,
+        argv=[binary, *args(port, directory)],
+        log_path=directory / f"{name}.log",
+        username=username,
+        password=password,
+        tls_files=tls,
+        sentinel=sentinel,
+    )
+
+
+def _start_all(
+    makers: Sequence[tuple[_Maker, int | None]], *, bus: bool = False, timeout: float = READY_TIMEOUT
+) -> list[RedisProcess]:
+    """Start processes side by side (faster than one by one) and wait until all answer.
+
+    One whose automatically picked port turns out to be taken is started
+    again on another port; on any other failure every process started here
+    is killed and the error raised.
+    """
+    procs: list[RedisProcess] = []
+    try:
+        for make, port in makers:
+            proc = make(port if port is not None else free_port(bus=bus))
+            procs.append(proc)
+            proc._spawn()
+        for index, (make, port) in enumerate(makers):
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    procs[index].wait_ready(timeout)
+                    break
+                except RedisStartError as exc:
+                    if not exc.address_in_use or port is not None or attempt == START_ATTEMPTS:
+                        raise
+                    procs[index] = make(free_port(bus=bus))
+                    procs[index]._spawn()
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    return procs
+
+
 def start_redis(
     tmp_dir: Path,
     *,
@@ -747,7 +823,7 @@ def start_redis(
     binary: str | None = None,
     timeout: float = READY_TIMEOUT,
 ) -> RedisProcess:
-    """Start a redis-server on 127.0.0.1 and wait until it answers PING.
+    """Start a redis-server on 127.0.0.1 and wait until it answers.
 
     The process gets its own folder ``tmp_dir/redis-PORT`` (data, log file
     ``redis.log``). ``port=None`` picks a free port and retries on another
@@ -758,8 +834,9 @@ def start_redis(
     off. ``extra_args`` are appended as ``--name value`` pairs and override
     earlier ones.
 
-    Raises :class:`RedisUnsupported` when the binary rejects the TLS options
-    (built without TLS), :class:`RedisStartError` for any other failure.
+    Raises :class:`RedisUnsupported` when the binary is too old for TLS or
+    ACL users or rejects the TLS options (built without TLS), and
+    :class:`RedisStartError` for any other failure.
     """
     if port == FOREIGN_PORT:
         raise ValueError(f"port {FOREIGN_PORT} belongs to a Redis that is not ours")
@@ -770,52 +847,35 @@ def start_redis(
         raise RedisUnsupported(reason)
     if username is not None and (reason := version_skip_reason((6, 0, 0), "ACL users", binary)):
         raise RedisUnsupported(reason)
-    attempts = 1 if port is not None else START_ATTEMPTS
-    last_error: RedisStartError | None = None
-    for _ in range(attempts):
-        chosen = port if port is not None else free_port()
-        directory = Path(tmp_dir) / f"redis-{chosen}"
-        directory.mkdir(parents=True, exist_ok=True)
-        argv = [binary, *_server_args(chosen, directory, tls)]
-        if username is not None and password is not None:
-            argv += _acl_args(binary, username, password)
-        elif password is not None:
-            argv += ["--requirepass", password]
-        argv += list(extra_args)
-        proc = RedisProcess(
-            host=HOST,
-            port=chosen,
-            pid=0,
-            dir=directory,
-            tls=tls is not None,
-            binary=binary,
-            argv=argv,
-            log_path=directory / "redis.log",
-            username=username,
-            password=password,
-            tls_files=tls,
+    auth: list[str] = []
+    if username is not None and password is not None:
+        auth = _acl_args(binary, username, password)
+    elif password is not None:
+        auth = ["--requirepass", password]
+
+    def args(chosen: int, directory: Path) -> list[str]:
+        return [*_server_args(chosen, directory, tls), *auth, *extra_args]
+
+    def make(chosen: int) -> RedisProcess:
+        return _new_process(
+            binary, tmp_dir, chosen, "redis", args, tls=tls, username=username, password=password
         )
-        proc._spawn()
-        try:
-            proc.wait_ready(timeout)
-        except RedisStartError as exc:
-            if (
-                tls is not None
-                and re.search(r"tls", exc.log_tail, re.IGNORECASE)
-                and ("Bad directive" in exc.log_tail or "not supported" in exc.log_tail.lower())
-            ):
-                raise RedisUnsupported(
-                    f"{binary} ({_format_version(redis_version(binary))}) cannot serve TLS "
-                    "(built without TLS support?)",
-                    log_tail=exc.log_tail,
-                ) from exc
-            if not exc.address_in_use:
-                raise
-            last_error = exc
-            continue
-        return proc
-    assert last_error is not None
-    raise last_error
+
+    try:
+        [proc] = _start_all([(make, port)], timeout=timeout)
+    except RedisStartError as exc:
+        if (
+            tls is not None
+            and re.search(r"tls", exc.log_tail, re.IGNORECASE)
+            and ("Bad directive" in exc.log_tail or "not supported" in exc.log_tail.lower())
+        ):
+            raise RedisUnsupported(
+                f"{binary} ({_format_version(redis_version(binary))}) cannot serve TLS "
+                "(built without TLS support?)",
+                log_tail=exc.log_tail,
+            ) from exc
+        raise
+    return proc
 
 
 # --------------------------------------------------------------------------
@@ -838,3 +898,294 @@ def _wait_for(
     raise RedisStartError(
         f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r})", log_tail=tails
     )
+
+
+def _stop_each(procs: Sequence[RedisProcess]) -> None:
+    # Stop all even if one fails, then report the first failure.
+    errors: list[BaseException] = []
+    for proc in procs:
+        try:
+            proc.stop()
+        except Exception as exc:  # re-raised below once all are stopped
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+# --------------------------------------------------------------------------
+# sentinel
+
+
+@dataclass(eq=False)
+class SentinelSetup:
+    """A master, its replicas and the sentinels that monitor it as ``service``.
+
+    Sentinel quorum is 1, so a single sentinel may fail the master over after
+    ``down_after_ms``. ``master`` is the master at start; after a failover
+    ask a sentinel (``SENTINEL get-master-addr-by-name``) instead.
+    """
+
+    master: RedisProcess
+    replicas: list[RedisProcess]
+    sentinels: list[RedisProcess]
+    service: str
+
+    def endpoints(self) -> list[str]:
+        """The sentinels as ``"127.0.0.1:PORT"``."""
+        return [sentinel.endpoint for sentinel in self.sentinels]
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as ``(host, port)``, as ``redis.sentinel.Sentinel`` takes them."""
+        return [(sentinel.host, sentinel.port) for sentinel in self.sentinels]
+
+    @property
+    def processes(self) -> list[RedisProcess]:
+        """Every process of the setup: sentinels first, then replicas, then the master."""
+        return [*self.sentinels, *self.replicas, self.master]
+
+    def stop(self) -> None:
+        """Stop every process, sentinels first so that none fails the master over meanwhile."""
+        _stop_each(self.processes)
+
+
+def _sentinel_config(port: int, directory: Path, service: str, master_port: int, down_after_ms: int) -> str:
+    return "\n".join(
+        [
+            f"port {port}",
+            f"bind {HOST}",
+            "daemonize no",
+            "protected-mode no",
+            'logfile ""',
+            f'dir "{directory}"',
+            f"sentinel monitor {service} {HOST} {master_port} 1",
+            f"sentinel down-after-milliseconds {service} {down_after_ms}",
+            f"sentinel failover-timeout {service} {max(3 * down_after_ms, 5000)}",
+            f"sentinel parallel-syncs {service} 1",
+            "",
+        ]
+    )
+
+
+def start_sentinel_setup(
+    tmp_dir: Path,
+    *,
+    service: str = "mymaster",
+    replicas: int = 1,
+    sentinels: int = 1,
+    down_after_ms: int = 5000,
+    binary: str | None = None,
+    timeout: float = 20.0,
+) -> SentinelSetup:
+    """Start a master, ``replicas`` replicas and ``sentinels`` sentinels monitoring it (quorum 1).
+
+    Returns once the replicas are in sync and every sentinel sees the master
+    as up, knows its replicas and (with several sentinels) the other
+    sentinels. Sentinels are ``redis-server --sentinel`` with a config file
+    in their folder. ``down_after_ms`` is how long the master may be
+    unreachable before a sentinel fails it over; the default is long enough
+    that a busy machine does not cause a spurious failover, failover tests
+    pass a shorter one.
+    """
+    binary = binary or find_redis_server()
+    if reason := version_skip_reason((5, 0, 0), "Sentinel with replicaof", binary):
+        raise RedisUnsupported(reason)
+
+    def make_master(port: int) -> RedisProcess:
+        def args(chosen: int, directory: Path) -> list[str]:
+            # Diskless sync without delay: a replica is in sync in
+            # milliseconds instead of after the default 5 s wait.
+            return [
+                *_server_args(chosen, directory, None),
+                "--repl-diskless-sync", "yes",
+                "--repl-diskless-sync-delay", "0",
+            ]  # fmt: skip
+
+        return _new_process(binary, tmp_dir, port, "master", args)
+
+    [master] = _start_all([(make_master, None)], timeout=timeout)
+    started: list[RedisProcess] = [master]
+    try:
+
+        def make_replica(port: int) -> RedisProcess:
+            def args(chosen: int, directory: Path) -> list[str]:
+                return [
+                    *_server_args(chosen, directory, None),
+                    "--replicaof", HOST, str(master.port),
+                    "--repl-diskless-sync", "yes",
+                    "--repl-diskless-sync-delay", "0",
+                ]  # fmt: skip
+
+            return _new_process(binary, tmp_dir, port, "replica", args)
+
+        def make_sentinel(port: int) -> RedisProcess:
+            def args(chosen: int, directory: Path) -> list[str]:
+                config = directory / "sentinel.conf"
+                config.write_text(_sentinel_config(chosen, directory, service, master.port, down_after_ms))
+                return [str(config), "--sentinel"]
+
+            return _new_process(binary, tmp_dir, port, "sentinel", args, sentinel=True)
+
+        # Replicas in sync before the sentinels start: a sentinel learns of
+        # replicas from the master's INFO, which it asks on connecting and
+        # then only every 10 s.
+        setup = SentinelSetup(master=master, replicas=[], sentinels=[], service=service)
+        setup.replicas = _start_all([(make_replica, None)] * replicas, timeout=timeout)
+        started += setup.replicas
+
+        def replicas_in_sync() -> bool:
+            info = master.info("replication")
+            online = [v for k, v in info.items() if k.startswith("slave") and "state=online" in v]
+            return len(online) == replicas and all(
+                r.info("replication").get("master_link_status") == "up" for r in setup.replicas
+            )
+
+        def sentinels_ready() -> bool:
+            for sentinel in setup.sentinels:
+                state = sentinel.command("SENTINEL", "MASTER", service)
+                if not isinstance(state, dict):
+                    # redis-py hands SENTINEL MASTER back as a flat list on some versions.
+                    state = dict(zip(state[::2], state[1::2], strict=True))
+                if (
+                    state.get("flags") != "master"
+                    or int(state.get("num-slaves", -1)) != replicas
+                    or int(state.get("num-other-sentinels", -1)) != sentinels - 1
+                    or str(state.get("port")) != str(master.port)
+                ):
+                    return False
+            return True
+
+        _wait_for(replicas_in_sync, "the replicas to sync with the master", timeout, started)
+        setup.sentinels = _start_all([(make_sentinel, None)] * sentinels, timeout=timeout)
+        started += setup.sentinels
+        _wait_for(sentinels_ready, f"the sentinels to see master {service!r}", timeout, started)
+    except BaseException:
+        for proc in started:
+            proc.kill()
+        raise
+    return setup
+
+
+# --------------------------------------------------------------------------
+# cluster
+
+
+def _slot_ranges(masters: int) -> list[tuple[int, int]]:
+    # The split redis-cli --cluster create makes: 0-5460, 5461-10922, 10923-16383 for three.
+    bounds = [round(i * CLUSTER_SLOTS / masters) for i in range(masters + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(masters)]
+
+
+@dataclass(eq=False)
+class ClusterSetup:
+    """A Redis Cluster of masters on loopback, every slot assigned, ``cluster_state:ok`` on all.
+
+    ``slot_ranges[i]`` is the (first, last) slot range that ``nodes[i]`` serves.
+    """
+
+    nodes: list[RedisProcess]
+    slot_ranges: list[tuple[int, int]]
+
+    def endpoints(self) -> list[str]:
+        """The nodes as ``"127.0.0.1:PORT"``."""
+        return [node.endpoint for node in self.nodes]
+
+    def node_for_slot(self, slot: int) -> RedisProcess:
+        """The node that serves ``slot`` (as assigned at start)."""
+        for node, (first, last) in zip(self.nodes, self.slot_ranges, strict=True):
+            if first <= slot <= last:
+                return node
+        raise ValueError(f"slot {slot} is outside 0..{CLUSTER_SLOTS - 1}")
+
+    def node_for_key(self, key: str | bytes) -> RedisProcess:
+        """The node that serves ``key``'s slot (hash tags honoured)."""
+        from redis.crc import key_slot
+
+        return self.node_for_slot(key_slot(key.encode() if isinstance(key, str) else key))
+
+    def flush(self) -> None:
+        """FLUSHALL on every node."""
+        for node in self.nodes:
+            node.command("FLUSHALL")
+
+    def wait_ok(self, timeout: float = 20.0) -> None:
+        """Wait until every node reports ``cluster_state:ok`` with all nodes known and all slots ok."""
+        _wait_for(
+            lambda: all(_cluster_ok(node, len(self.nodes)) for node in self.nodes),
+            "cluster_state:ok on every node",
+            timeout,
+            self.nodes,
+        )
+
+    def stop(self) -> None:
+        """Stop every node."""
+        _stop_each(self.nodes)
+
+
+def _cluster_ok(node: RedisProcess, count: int) -> bool:
+    info = node.cluster_info()
+    if not (
+        info.get("cluster_state") == "ok"
+        and info.get("cluster_known_nodes") == str(count)
+        and info.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
+    ):
+        return False
+    # Each node must also know every node's address, or clients that ask it
+    # for the slot map get an empty host.
+    nodes = node._raw("CLUSTER", "NODES")
+    lines = (nodes.decode() if isinstance(nodes, bytes) else str(nodes)).splitlines()
+    return len(lines) == count and all(line.split()[1].startswith(f"{HOST}:") for line in lines)
+
+
+def start_cluster(
+    tmp_dir: Path,
+    *,
+    masters: int = 3,
+    node_timeout_ms: int = 5000,
+    binary: str | None = None,
+    timeout: float = 20.0,
+) -> ClusterSetup:
+    """Start ``masters`` cluster nodes, assign all 16384 slots and join them into one cluster.
+
+    Formed with ``CLUSTER ADDSLOTS``/``SET-CONFIG-EPOCH``/``MEET`` sent from
+    here, so no ``redis-cli`` is needed. Each node's port + 10000 (its bus
+    port) was free too. Returns once every node reports ``cluster_state:ok``,
+    knows every node by its 127.0.0.1 address and sees every slot served.
+    A node may be ``restart()``-ed: it keeps its identity in ``nodes.conf``
+    but, with no persistence, not its data.
+    """
+    if masters < 1:
+        raise ValueError("a cluster needs at least one master")
+    binary = binary or find_redis_server()
+    if reason := version_skip_reason((3, 0, 0), "Redis Cluster", binary):
+        raise RedisUnsupported(reason)
+
+    def make_node(port: int) -> RedisProcess:
+        def args(chosen: int, directory: Path) -> list[str]:
+            return [
+                *_server_args(chosen, directory, None),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(directory / "nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+            ]  # fmt: skip
+
+        return _new_process(binary, tmp_dir, port, "cluster", args)
+
+    nodes = _start_all([(make_node, None)] * masters, bus=True, timeout=timeout)
+    setup = ClusterSetup(nodes=nodes, slot_ranges=_slot_ranges(masters))
+    try:
+        for epoch, (node, (first, last)) in enumerate(zip(nodes, setup.slot_ranges, strict=True), start=1):
+            # Distinct config epochs up front, as redis-cli does: otherwise the
+            # nodes resolve their epoch collision one bump at a time.
+            node._raw("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+            node._raw("CLUSTER", "ADDSLOTS", *range(first, last + 1))
+        # Every pair meets directly, rather than through gossip, which would
+        # take a second or more to spread the news.
+        for index, node in enumerate(nodes):
+            for other in nodes[index + 1 :]:
+                node._raw("CLUSTER", "MEET", HOST, other.port)
+        setup.wait_ok(timeout)
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return setup

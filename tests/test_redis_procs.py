@@ -8,16 +8,29 @@ import ssl
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.exceptions
+import redis.sentinel
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
 import redis_procs
-from redis_procs import RedisProcess, RedisStartError
+from redis_procs import ClusterSetup, RedisProcess, RedisStartError, SentinelSetup
+
+# redis-py leaves these unannotated; as Any they can be called under mypy --strict.
+Sentinel: Any = redis.sentinel.Sentinel
+AsyncSentinel: Any = redis.asyncio.sentinel.Sentinel
+ClusterNode: Any = redis.cluster.ClusterNode
 
 
 def _pid_alive(pid: int) -> bool:
@@ -350,3 +363,138 @@ def test_requirepass_server(tmp_path: Path) -> None:
             bad.ping()
     finally:
         proc.stop()
+
+
+# --------------------------------------------------------------------------
+# Sentinel
+
+
+def test_sentinel_names_the_master(redis_sentinel: SentinelSetup) -> None:
+    assert redis_sentinel.service == "mymaster"
+    assert redis_sentinel.endpoints() == [f"127.0.0.1:{s.port}" for s in redis_sentinel.sentinels]
+    sentinel = Sentinel(redis_sentinel.sentinel_addresses(), socket_timeout=5)
+    assert sentinel.discover_master("mymaster") == ("127.0.0.1", redis_sentinel.master.port)
+    assert sentinel.discover_slaves("mymaster") == [("127.0.0.1", r.port) for r in redis_sentinel.replicas]
+    assert redis_sentinel.sentinels[0].command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster") == [
+        "127.0.0.1",
+        str(redis_sentinel.master.port),
+    ]
+
+
+def test_sentinel_master_takes_writes_and_replicates_them(redis_sentinel: SentinelSetup) -> None:
+    sentinel = Sentinel(redis_sentinel.sentinel_addresses(), socket_timeout=5)
+    master = sentinel.master_for("mymaster", decode_responses=True)
+    master.set("sentinel:probe", "v")
+    assert master.get("sentinel:probe") == "v"
+    assert master.execute_command("WAIT", 1, 5000) == 1
+    [replica] = redis_sentinel.replicas
+    assert replica.command("GET", "sentinel:probe") == "v"
+
+
+async def test_sentinel_works_with_the_async_client(redis_sentinel: SentinelSetup) -> None:
+    sentinel = AsyncSentinel(redis_sentinel.sentinel_addresses(), socket_timeout=5)
+    assert await sentinel.discover_master("mymaster") == ("127.0.0.1", redis_sentinel.master.port)
+    master = sentinel.master_for("mymaster", decode_responses=True)
+    try:
+        await master.set("sentinel:async", "v")
+        assert await master.get("sentinel:async") == "v"
+    finally:
+        await master.aclose()
+
+
+@pytest.mark.slow
+def test_private_sentinel_setup_fails_over_when_the_master_dies(tmp_path: Path) -> None:
+    setup = redis_procs.start_sentinel_setup(tmp_path, service="failover", sentinels=1, down_after_ms=500)
+    try:
+        sentinel = Sentinel(setup.sentinel_addresses(), socket_timeout=2)
+        [replica] = setup.replicas
+
+        def current_master() -> tuple[str, int] | None:
+            try:
+                return tuple(sentinel.discover_master("failover"))
+            except redis.sentinel.MasterNotFoundError:  # while the master is down, before promotion
+                return None
+
+        setup.master.kill()
+        deadline = time.monotonic() + 20
+        while current_master() != ("127.0.0.1", replica.port):
+            assert time.monotonic() < deadline, "no failover within 20 s"
+            time.sleep(0.1)
+        assert replica.info("replication")["role"] == "master"
+    finally:
+        setup.stop()
+
+
+# --------------------------------------------------------------------------
+# Cluster
+
+
+def _key_in_slot_range(first: int, last: int) -> str:
+    for i in range(100_000):
+        key = f"convlock-probe:{i}"
+        if first <= key_slot(key.encode()) <= last:
+            return key
+    raise AssertionError(f"no key hashes into {first}..{last}")
+
+
+def test_cluster_is_ok_with_every_slot_assigned(redis_cluster: ClusterSetup) -> None:
+    assert len(redis_cluster.nodes) == 3
+    assert redis_cluster.slot_ranges == [(0, 5460), (5461, 10922), (10923, 16383)]
+    for node in redis_cluster.nodes:
+        info = node.cluster_info()
+        assert info["cluster_state"] == "ok"
+        assert int(info["cluster_slots_assigned"]) == redis_procs.CLUSTER_SLOTS
+        assert int(info["cluster_known_nodes"]) == 3
+    slots = sorted(redis_cluster.nodes[0].command("CLUSTER", "SLOTS"))
+    assert [(first, last, host, port) for first, last, [host, port, *_], *_ in slots] == [
+        (first, last, "127.0.0.1", node.port)
+        for node, (first, last) in zip(redis_cluster.nodes, redis_cluster.slot_ranges, strict=True)
+    ]
+
+
+def test_cluster_serves_a_key_in_each_slot_range(redis_cluster: ClusterSetup) -> None:
+    client = redis.cluster.RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", redis_cluster.nodes[0].port)],
+        decode_responses=True,
+    )
+    try:
+        for node, (first, last) in zip(redis_cluster.nodes, redis_cluster.slot_ranges, strict=True):
+            key = _key_in_slot_range(first, last)
+            assert redis_cluster.node_for_key(key) is node
+            assert client.set(key, node.endpoint) is True
+            assert client.get(key) == node.endpoint
+            # Only the owner holds it: the key really landed in that node's range.
+            assert node.command("GET", key) == node.endpoint
+            for other in redis_cluster.nodes:
+                if other is not node:
+                    with pytest.raises(redis.exceptions.MovedError):
+                        other.command("GET", key)
+    finally:
+        client.close()
+
+
+async def test_cluster_works_with_the_async_client(redis_cluster: ClusterSetup) -> None:
+    host, port = redis_cluster.endpoints()[1].split(":")
+    client = redis.asyncio.cluster.RedisCluster(host=host, port=int(port), decode_responses=True)
+    try:
+        for first, last in redis_cluster.slot_ranges:
+            key = _key_in_slot_range(first, last)
+            await client.set(key, "async")
+            assert await client.get(key) == "async"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
+def test_cluster_node_restart_rejoins_with_its_slots(tmp_path: Path) -> None:
+    setup = redis_procs.start_cluster(tmp_path)
+    try:
+        node = setup.nodes[1]
+        node_id = node.command("CLUSTER", "MYID")
+        node.restart()
+        assert node.command("CLUSTER", "MYID") == node_id
+        setup.wait_ok()
+        key = _key_in_slot_range(*setup.slot_ranges[1])
+        assert node.command("SET", key, "back") is True
+    finally:
+        setup.stop()
