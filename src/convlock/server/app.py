@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -57,8 +58,8 @@ class _MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            # Route templates with a path converter read "{conversation_id:path}"; drop the converter.
-            template = template.replace(":path}", "}")
+            # Templates read "{conversation_id:conversation_id}"; drop the convertor's name.
+            template = template.replace(":conversation_id}", "}")
             self.ctx.metrics.observe_request(scope["method"], template, status, time.perf_counter() - start)
 
 
@@ -85,6 +86,25 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log")
 
 
+class _ConversationIdConvertor(Convertor[str]):
+    """Matches any conversation ID in a path: slashes and newlines included.
+
+    Starlette's ``path`` convertor is ``.*``, which stops at a newline, and a
+    newline is a valid character of a conversation ID.
+    """
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("conversation_id", _ConversationIdConvertor())
+
+
 def _routes() -> list[BaseRoute]:
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document(__version__))
@@ -96,10 +116,10 @@ def _routes() -> list[BaseRoute]:
         Route("/", root, methods=["GET"]),
         Route("/webhooks/rest/webhook", webhook, methods=["POST"]),
         Route("/health", admin.health, methods=["GET"]),
-        Route("/conversations/{conversation_id:path}/tracker", admin.tracker, methods=["GET"]),
+        Route("/conversations/{conversation_id:conversation_id}/tracker", admin.tracker, methods=["GET"]),
         Route("/locks", admin.list_locks, methods=["GET"]),
-        Route("/locks/{conversation_id:path}", admin.inspect_lock, methods=["GET"]),
-        Route("/locks/{conversation_id:path}", admin.force_release, methods=["DELETE"]),
+        Route("/locks/{conversation_id:conversation_id}", admin.inspect_lock, methods=["GET"]),
+        Route("/locks/{conversation_id:conversation_id}", admin.force_release, methods=["DELETE"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]

@@ -1,0 +1,37 @@
+"""Handlers the server tests load with ``--handler convlock_test_handlers:control``.
+
+``control`` behaves like the demo handler, except for messages starting
+with ``ctl:``, which misbehave on purpose:
+
+* ``ctl:boom``: change the state, then raise;
+* ``ctl:sleep:<s>``: change the state, then ``await asyncio.sleep(s)``;
+* ``ctl:block:<s>``: ``time.sleep(s)``, freezing the whole process as a long GC pause would;
+* ``ctl:bad``: return an object that is not a response;
+* ``ctl:nan``: put NaN (not JSON) into the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from convlock.server import Conversation, HandlerResult, Message
+
+
+async def control(message: Message, conversation: Conversation) -> HandlerResult:
+    """The demo handler, plus the ``ctl:`` misbehaviours listed in the module docstring."""
+    text = message.text
+    if text == "ctl:boom":
+        conversation.state["dirty"] = True
+        raise RuntimeError("boom on purpose")
+    if text.startswith("ctl:sleep:"):
+        conversation.state["dirty"] = True
+        await asyncio.sleep(float(text.rsplit(":", 1)[1]))
+    elif text.startswith("ctl:block:"):
+        time.sleep(float(text.rsplit(":", 1)[1]))  # noqa: ASYNC251  (the point: freeze the event loop)
+    elif text == "ctl:bad":
+        return [object()]  # type: ignore[list-item]
+    elif text == "ctl:nan":
+        conversation.state["x"] = float("nan")
+    conversation.state["turns"] = conversation.turn
+    return [f"#{conversation.turn}: {text}"]
