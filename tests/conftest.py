@@ -25,7 +25,7 @@ def _start_or_skip(start: Callable[[], T]) -> T:
     try:
         return start()
     except RedisUnsupported as exc:
-        pytest.skip(str(exc))
+        pytest.skip(exc.reason)
 
 
 @pytest.fixture(scope="session")

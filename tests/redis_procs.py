@@ -83,6 +83,7 @@ class RedisStartError(RuntimeError):
 
     def __init__(self, message: str, *, log_tail: str = "", address_in_use: bool = False) -> None:
         super().__init__(f"{message}\n--- log tail ---\n{log_tail}" if log_tail else message)
+        self.reason = message
         self.log_tail = log_tail
         self.address_in_use = address_in_use
 
@@ -161,7 +162,11 @@ def skip_if_redis_older(minimum: tuple[int, int, int], feature: str) -> pytest.M
     """
     import pytest
 
-    reason = version_skip_reason(minimum, feature)
+    try:
+        reason = version_skip_reason(minimum, feature)
+    except FileNotFoundError:
+        # No binary at all: let the fixtures fail loudly instead of skipping quietly.
+        reason = None
     return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
@@ -869,9 +874,10 @@ def start_redis(
             and re.search(r"tls", exc.log_tail, re.IGNORECASE)
             and ("Bad directive" in exc.log_tail or "not supported" in exc.log_tail.lower())
         ):
+            rejected = [line for line in exc.log_tail.splitlines() if line.startswith(">>>")]
             raise RedisUnsupported(
-                f"{binary} ({_format_version(redis_version(binary))}) cannot serve TLS "
-                "(built without TLS support?)",
+                f"{binary} ({_format_version(redis_version(binary))}) was built without TLS support: "
+                f"it rejects {rejected[-1].removeprefix('>>> ') if rejected else 'the TLS options'}",
                 log_tail=exc.log_tail,
             ) from exc
         raise

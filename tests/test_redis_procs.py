@@ -75,6 +75,13 @@ def test_version_skip_reason_names_feature_binary_and_versions(redis_binary: str
     assert redis_binary in reason
 
 
+def test_skip_if_redis_older_marks_only_what_the_binary_lacks(redis_binary: str) -> None:
+    lacking = redis_procs.skip_if_redis_older((99, 0, 0), "time travel")
+    assert lacking.args == (True,)
+    assert lacking.kwargs["reason"].startswith("time travel needs redis-server >= 99.0.0, but ")
+    assert redis_procs.skip_if_redis_older((1, 0, 0), "PING").args == (False,)
+
+
 def test_free_port_is_bindable_unique_and_never_6379() -> None:
     ports = [redis_procs.free_port() for _ in range(20)]
     assert len(set(ports)) == len(ports)
