@@ -118,9 +118,6 @@ def create_client(settings: RedisSettings, *, retries: int = 1) -> RedisClient:
         return RedisCluster(
             startup_nodes=nodes,
             max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
-            # A failing node is reported to the caller rather than retried
-            # for many seconds: the lock store bounds every wait.
-            cluster_error_retry_attempts=max(retries, 1),
             **kwargs,
         )
     raise ConfigError(  # pragma: no cover - the settings model allows only the three modes

@@ -546,8 +546,9 @@ class RedisLockStore(LockStore):
                         "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
                     )
                 except NoScriptError:
-                    # A restarted or failed-over server forgot our scripts.
-                    await client.execute_command("SCRIPT", "LOAD", script.source)
+                    # A restarted or failed-over server forgot our scripts. (As
+                    # one word, "SCRIPT LOAD" goes to every node of a cluster.)
+                    await client.execute_command("SCRIPT LOAD", script.source)
                     return await client.execute_command(
                         "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
                     )
@@ -580,7 +581,7 @@ class RedisLockStore(LockStore):
                         )
                     replies: list[Any] = await pipe.execute(raise_on_error=False)
                     if attempt == 0 and any(isinstance(reply, NoScriptError) for reply in replies):
-                        await client.execute_command("SCRIPT", "LOAD", script.source)
+                        await client.execute_command("SCRIPT LOAD", script.source)
                         continue
                     return replies
         except (RedisError, OSError, TimeoutError) as error:
