@@ -445,12 +445,21 @@ def _make_tls_files_cryptography(files: TLSFiles) -> None:
         write_key(key, key_path)
 
 
+_START_MARKER = "\n=== starting: "
+
+
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines the latest start of the process wrote.
+
+    A restarted process appends to the same log; what earlier runs wrote
+    (say an old "Address already in use") must not be read as this run's.
+    """
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    latest = text[text.rfind(_START_MARKER) :] if _START_MARKER in text else text
+    return "\n".join(latest.strip("\n").splitlines()[-lines:])
 
 
 def _parse_info(reply: Any) -> dict[str, str]:
@@ -603,7 +612,7 @@ class RedisProcess:
 
     def _spawn(self) -> None:
         with self.log_path.open("ab") as log:
-            log.write(f"\n=== starting: {' '.join(self.argv)}\n".encode())
+            log.write(f"{_START_MARKER}{' '.join(self.argv)}\n".encode())
             log.flush()
             popen = subprocess.Popen(
                 self.argv,
@@ -907,7 +916,14 @@ def _wait_for(
 
 
 def _stop_each(procs: Sequence[RedisProcess]) -> None:
-    # Stop all even if one fails, then report the first failure.
+    # SIGTERM to all first so that they shut down side by side (each takes up
+    # to one server cron tick, 100 ms); then stop() waits for each in order,
+    # and all are waited for even if one fails.
+    for proc in procs:
+        popen = proc._popen
+        if popen is not None and popen.poll() is None:
+            with contextlib.suppress(OSError):
+                popen.terminate()
     errors: list[BaseException] = []
     for proc in procs:
         try:

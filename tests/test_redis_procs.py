@@ -201,6 +201,25 @@ def test_explicit_busy_port_fails_with_log_tail(fresh_redis: RedisProcess, tmp_p
     assert caught.value.address_in_use
 
 
+def test_failed_restart_reports_only_its_own_log(fresh_redis: RedisProcess, tmp_path: Path) -> None:
+    clash = redis_procs.start_redis(tmp_path / "clash")
+    try:
+        fresh_redis.stop()
+        fresh_redis.argv += ["--no-such-directive", "x"]
+        with pytest.raises(RedisStartError) as caught:
+            fresh_redis.start(timeout=5)
+        assert "no-such-directive" in caught.value.log_tail
+        assert not caught.value.address_in_use
+        # A second failure, for another reason, must not be blamed on the first.
+        fresh_redis.argv[fresh_redis.argv.index("--no-such-directive") :] = ["--port", str(clash.port)]
+        with pytest.raises(RedisStartError) as caught:
+            fresh_redis.start(timeout=0.5)
+        assert caught.value.address_in_use
+        assert "no-such-directive" not in caught.value.log_tail
+    finally:
+        clash.stop()
+
+
 def test_auto_port_retries_when_the_port_is_taken(
     monkeypatch: pytest.MonkeyPatch, fresh_redis: RedisProcess, tmp_path: Path
 ) -> None:
