@@ -1,0 +1,151 @@
+"""The fencing rules of both tracker stores, against a real redis-server for the Redis one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from convlock import ConfigError
+from convlock.server.redis_tracker import RedisTrackerStore
+from convlock.server.tracker import InMemoryTrackerStore, StaleTicketError, TrackerStore
+from convlock.server.tracker_factory import create_tracker_store
+from redis_procs import RedisProcess
+
+# Lock tickets from RedisLockStore are the Redis clock in microseconds: big numbers.
+BIG = 1_795_888_028_406_093
+
+
+@pytest.fixture(params=["in_memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[TrackerStore]:
+    if request.param == "in_memory":
+        yield InMemoryTrackerStore()
+        return
+    redis_server: RedisProcess = request.getfixturevalue("redis_server")
+    tracker = create_tracker_store({"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0})
+    assert isinstance(tracker, RedisTrackerStore)
+    yield tracker
+    await tracker.aclose()
+
+
+def event(text: str) -> dict[str, Any]:
+    return {"event": "user", "text": text}
+
+
+async def test_an_unknown_conversation_loads_empty(store: TrackerStore) -> None:
+    record = await store.load("nobody")
+    assert (record.events, record.state, record.ticket, record.fence) == ([], {}, 0, 0)
+
+
+async def test_saves_append_events_and_replace_state(store: TrackerStore) -> None:
+    await store.load("c", ticket=BIG)
+    await store.save("c", ticket=BIG, new_events=[event("a")], state={"n": 1})
+    await store.load("c", ticket=BIG + 1)
+    await store.save("c", ticket=BIG + 1, new_events=[event("b"), {"event": "bot", "text": "é ✓"}], state={"n": 2})
+    record = await store.load("c")
+    assert record.events == [event("a"), event("b"), {"event": "bot", "text": "é ✓"}]
+    assert record.state == {"n": 2}
+    assert (record.ticket, record.fence) == (BIG + 1, BIG + 1)
+
+
+async def test_a_load_raises_the_fence_and_a_lower_ticket_is_then_refused(store: TrackerStore) -> None:
+    await store.save("c", ticket=BIG, new_events=[event("first")], state={"v": "first"})
+    await store.load("c", ticket=BIG)  # the stale holder loaded ...
+    await store.load("c", ticket=BIG + 5)  # ... then its successor did
+    with pytest.raises(StaleTicketError) as refused:
+        await store.save("c", ticket=BIG, new_events=[event("stale")], state={"v": "stale"})
+    assert (refused.value.ticket, refused.value.fence) == (BIG, BIG + 5)
+    assert "nothing was overwritten" in str(refused.value)
+    with pytest.raises(StaleTicketError):
+        await store.load("c", ticket=BIG + 4)
+    record = await store.load("c")
+    assert record.events == [event("first")]
+    assert record.state == {"v": "first"}
+    assert (record.ticket, record.fence) == (BIG, BIG + 5)
+
+
+async def test_a_save_with_a_lower_ticket_than_the_last_save_is_refused(store: TrackerStore) -> None:
+    await store.save("c", ticket=BIG + 2, new_events=[event("newer")], state={"v": 2})
+    with pytest.raises(StaleTicketError):
+        await store.save("c", ticket=BIG + 1, new_events=[event("older")], state={"v": 1})
+    assert (await store.load("c")).state == {"v": 2}
+
+
+async def test_the_same_ticket_may_save_again(store: TrackerStore) -> None:
+    await store.load("c", ticket=7)
+    await store.save("c", ticket=7, new_events=[event("a")], state={})
+    await store.save("c", ticket=7, new_events=[event("b")], state={"k": 1})
+    assert [e["text"] for e in (await store.load("c")).events] == ["a", "b"]
+
+
+async def test_values_that_are_not_json_write_nothing(store: TrackerStore) -> None:
+    await store.save("c", ticket=1, new_events=[event("a")], state={"v": 1})
+    with pytest.raises(ValueError, match="Out of range float"):
+        await store.save("c", ticket=2, new_events=[event("b")], state={"v": float("nan")})
+    with pytest.raises(TypeError):
+        await store.save("c", ticket=2, new_events=[{"x": object()}], state={})
+    record = await store.load("c")
+    assert (record.events, record.state, record.ticket) == ([event("a")], {"v": 1}, 1)
+
+
+async def test_loaded_state_is_a_copy(store: TrackerStore) -> None:
+    await store.save("c", ticket=1, new_events=[], state={"items": [1]})
+    record = await store.load("c")
+    record.state["items"].append(2)
+    assert (await store.load("c")).state == {"items": [1]}
+
+
+async def test_tickets_must_be_positive_ints(store: TrackerStore) -> None:
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="ticket"):
+            await store.save("c", ticket=bad, new_events=[], state={})
+
+
+async def test_redis_keys_are_namespaced_and_expire_when_idle(redis_server: RedisProcess) -> None:
+    tracker = create_tracker_store({
+        "type": "redis", "host": redis_server.host, "port": redis_server.port, "db": 0,
+        "key_prefix": "app", "expire_after": 100,
+    })
+    assert isinstance(tracker, RedisTrackerStore)
+    try:
+        await tracker.load("a{b}:c", ticket=1)
+        await tracker.save("a{b}:c", ticket=1, new_events=[event("x")], state={})
+    finally:
+        await tracker.aclose()
+    keys = redis_server.command("KEYS", "*")
+    assert keys == ["app:tracker:{a%7Bb%7D%3Ac}"]
+    ttl = redis_server.command("PTTL", keys[0])
+    assert 90_000 < ttl <= 100_000
+
+
+async def test_an_unreachable_redis_is_reported_with_its_address() -> None:
+    from convlock.server.tracker import TrackerStoreUnavailable
+
+    tracker = create_tracker_store({"type": "redis", "host": "127.0.0.1", "port": 1, "socket_timeout": 1})
+    try:
+        with pytest.raises(TrackerStoreUnavailable, match=r"127\.0\.0\.1:1"):
+            await tracker.ping()
+        with pytest.raises(TrackerStoreUnavailable):
+            await tracker.load("c", ticket=1)
+    finally:
+        await tracker.aclose()
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"type": "redis", "port": "abc"}, "tracker_store.port"),
+    ({"type": "redis", "expire_after": -1}, "tracker_store.expire_after"),
+    ({"type": "nosuch"}, "tracker_store.type"),
+    ({"type": "nosuch.module.Store"}, "tracker_store.type: cannot import"),
+    ({"type": "convlock.memory.InMemoryLockStore"}, "not a subclass"),
+    ([1], "expected a mapping"),
+])
+def test_bad_tracker_store_blocks_name_the_key(config: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        create_tracker_store(config)
+
+
+def test_a_custom_tracker_store_is_built_from_its_dotted_path() -> None:
+    store = create_tracker_store({"type": "convlock.server.tracker.InMemoryTrackerStore"})
+    assert isinstance(store, InMemoryTrackerStore)
+    assert isinstance(create_tracker_store(None), InMemoryTrackerStore)
