@@ -340,7 +340,7 @@ def test_schemathesis_finds_no_server_error(server: ServerProcess, client: httpx
          "--header", f"Authorization: Bearer {TOKEN}",
          "--generation-database", "none", "--no-color",
          "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "Tested: 7" in result.stdout, result.stdout[-3000:]

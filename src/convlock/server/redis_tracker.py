@@ -1,12 +1,19 @@
 """RedisTrackerStore: conversation state in Redis, shared by every replica.
 
-Layout: one hash per conversation, ``<key_prefix>:tracker:{<conversation id>}``,
+Layout: one hash per conversation, ``<key_prefix>:tracker:{<E>}``, where ``E``
+is the conversation ID encoded as the lock store encodes it
+(:func:`convlock.redis_keys.encode_id`: injective, brace-free),
 holding ``fence``, ``ticket``, ``state`` (JSON), ``n`` (event count) and one
 field ``e:<i>`` per event (JSON). The ``tracker`` segment keeps these keys
 apart from the lock store's. One key per conversation means every script
 touches a single hash slot, so Redis Cluster works; the braces make the
 conversation the hash tag, so a conversation's tracker key lands in the same
-slot as any other key tagged with that conversation.
+slot as the lock store's keys for that conversation.
+
+Tickets are the lock store's fencing tokens, which may be as large as the
+Redis clock in microseconds (about 2**51): Lua compares them as doubles,
+exactly, since they stay below 2**53, and they are stored as the decimal
+text they arrived as.
 
 Events are appended, not rewritten, so a save costs what the message added,
 not the length of the conversation.
@@ -28,6 +35,7 @@ from redis.exceptions import RedisError
 
 from ..config import RedisSettings
 from ..ids import check_conversation_id
+from ..redis_keys import encode_id
 from .tracker import StaleTicketError, TrackerRecord, TrackerStore, TrackerStoreUnavailable, dumps
 
 __all__ = ["RedisTrackerStore"]
@@ -36,8 +44,9 @@ __all__ = ["RedisTrackerStore"]
 # Returns {1, fields...} (HGETALL) or {0, fence} when the ticket is stale.
 _LOAD = """
 local ticket = tonumber(ARGV[1])
-local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
-if ticket < fence then return {0, tostring(fence)} end
+local raw = redis.call('HGET', KEYS[1], 'fence') or '0'
+local fence = tonumber(raw)
+if ticket < fence then return {0, raw} end
 if ticket > fence then redis.call('HSET', KEYS[1], 'fence', ARGV[1]) end
 if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 local fields = redis.call('HGETALL', KEYS[1])
@@ -50,8 +59,8 @@ return fields
 # Returns {1, event count} or {0, fence} when the ticket is stale.
 _SAVE = """
 local ticket = tonumber(ARGV[1])
-local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
-if ticket < fence then return {0, fence} end
+local raw = redis.call('HGET', KEYS[1], 'fence') or '0'
+if ticket < tonumber(raw) then return {0, raw} end
 local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 for i = 4, #ARGV do
   n = n + 1
@@ -105,7 +114,7 @@ class RedisTrackerStore(TrackerStore):
 
     def key(self, conversation_id: str) -> str:
         """The Redis key of a conversation's hash."""
-        return f"{self._prefix}{{{conversation_id}}}"
+        return f"{self._prefix}{{{encode_id(conversation_id)}}}"
 
     def _unavailable(self, exc: Exception) -> TrackerStoreUnavailable:
         return TrackerStoreUnavailable(f"tracker store at {self._target} failed: {type(exc).__name__}: {exc}")
