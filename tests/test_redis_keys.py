@@ -57,8 +57,8 @@ def test_hostile_ids_get_distinct_keys_that_round_trip() -> None:
         for key in (keys.queue, keys.state, keys.wake(7)):
             assert key not in seen, f"{cid!r} collides with {seen.get(key)!r} on {key!r}"
             seen[key] = cid
-        assert space.conversation_of(keys.queue) == cid
-        assert space.conversation_of(keys.queue.encode()) == cid
+        assert space.conversation_of(keys.state) == cid
+        assert space.conversation_of(keys.state.encode()) == cid
 
 
 def test_encoded_ids_have_no_structural_characters() -> None:
@@ -80,26 +80,26 @@ def test_prefix_namespaces_keys() -> None:
     a, b = KeySpace("tenant_a"), KeySpace("tenant_a:x")
     keys = a.keys("x")
     assert keys.queue.startswith("tenant_a:{")
-    assert b.conversation_of(keys.queue) is None
-    assert a.conversation_of(b.keys("x").queue) is None
+    assert b.conversation_of(keys.state) is None
+    assert a.conversation_of(b.keys("x").state) is None
     assert a.keys("c").queue != b.keys("c").queue
 
 
-def test_queue_pattern_matches_queue_keys_only() -> None:
+def test_state_pattern_matches_state_keys_only() -> None:
     space = KeySpace("p*[x]?")
-    pattern = space.queue_pattern()
+    pattern = space.state_pattern()
     for cid in HOSTILE:
         keys = space.keys(cid)
-        assert _redis_glob(pattern, keys.queue)
-        assert not _redis_glob(pattern, keys.state)
+        assert _redis_glob(pattern, keys.state)
+        assert not _redis_glob(pattern, keys.queue)
         assert not _redis_glob(pattern, keys.wake(3))
     # The glob characters of the prefix are matched literally.
-    assert not _redis_glob(pattern, "pZZx]Q:{a}:q")
+    assert not _redis_glob(pattern, "pZZx]Q:{a}:s")
 
 
 def test_foreign_keys_are_not_conversations() -> None:
     space = KeySpace("convlock")
-    for key in ["convlock:{}:q", "convlock:{a%4}:q", "convlock:{a%41}:q", "convlock:{a b}:q", "other:{a}:q"]:
+    for key in ["convlock:{}:s", "convlock:{a%4}:s", "convlock:{a%41}:s", "convlock:{a b}:s", "other:{a}:s"]:
         assert space.conversation_of(key) is None, key
 
 

@@ -2,23 +2,25 @@
 
 Layout, for ``key_prefix`` ``P`` and a conversation whose encoded ID is ``E``::
 
-    P:{E}:q          sorted set: the live tickets, score = ticket number
-    P:{E}:s          hash: last ticket issued (n), granted ticket (h), furthest
-                     lease end (x), and each ticket's lease end (e<T>) and
-                     lease length (l<T>)
+    P:{E}:s          hash: last ticket issued (n); the holder's ticket, lease
+                     end and length (h, e, l); the number of waiters (w);
+                     the furthest lease end (x); each waiter's lease end and
+                     length (e<T>, l<T>)
+    P:{E}:q          sorted set: the waiting tickets, score = ticket number
+                     (absent while nobody waits)
     P:{E}:w:<T>      list: wake-up for ticket T, pushed when T is granted
 
 Encoding: ``E`` is the conversation ID's UTF-8 bytes with every byte outside
 ``A-Z a-z 0-9 - . _ ~ @ + = , /`` written as ``%XX`` (upper-case hex). This
 is injective (``%`` itself is escaped), so two IDs never share a key, and it
 is reversible, so :meth:`KeySpace.conversation_of` reads the ID back from a
-key found by SCAN. The encoded form never contains ``{``, ``}``, ``:``,
+state key found by SCAN. The encoded form never contains ``{``, ``}``, ``:``,
 glob characters or white space, which buys three things:
 
 * the braces delimit a Redis Cluster hash tag, so every key of one
   conversation hashes to one slot and a Lua script may touch them all;
 * ``:`` after the closing brace cannot be confused with a ``:`` inside an ID;
-* the SCAN pattern ``P:{*}:q`` cannot be widened by an ID.
+* the SCAN pattern ``P:{*}:s`` cannot be widened by an ID.
 
 ``key_prefix`` may itself contain ``:`` (``app:convlock``) or glob
 characters; it may not contain braces (the settings model refuses them),
@@ -101,14 +103,14 @@ class KeySpace:
     holds because prefixes contain no braces.
     """
 
-    __slots__ = ("_queue_suffix", "_tag_start", "prefix")
+    __slots__ = ("_state_suffix", "_tag_start", "prefix")
 
     def __init__(self, prefix: str) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"key_prefix must be non-empty and free of braces, got {prefix!r}")
         self.prefix = prefix
         self._tag_start = f"{prefix}:{{"
-        self._queue_suffix = "}:q"
+        self._state_suffix = "}:s"
 
     def keys(self, conversation_id: str) -> ConversationKeys:
         """The keys of ``conversation_id`` (which must be non-empty)."""
@@ -117,16 +119,20 @@ class KeySpace:
         base = self._tag_start + encode_id(conversation_id)
         return ConversationKeys(queue=base + "}:q", state=base + "}:s", wake_prefix=base + "}:w:")
 
-    def queue_pattern(self) -> str:
-        """The SCAN ``MATCH`` pattern that finds every conversation's queue key."""
-        return _escape_glob(self._tag_start) + "*" + _escape_glob(self._queue_suffix)
+    def state_pattern(self) -> str:
+        """The SCAN ``MATCH`` pattern that finds every conversation's state key.
 
-    def conversation_of(self, queue_key: str | bytes) -> str | None:
-        """The conversation ID whose queue key this is, or None for any other key."""
-        key = queue_key.decode("utf-8", "surrogateescape") if isinstance(queue_key, bytes) else queue_key
-        if not (key.startswith(self._tag_start) and key.endswith(self._queue_suffix)):
+        Every busy conversation has one (an idle conversation may too, for
+        a few microseconds, holding only its ticket counter).
+        """
+        return _escape_glob(self._tag_start) + "*" + _escape_glob(self._state_suffix)
+
+    def conversation_of(self, state_key: str | bytes) -> str | None:
+        """The conversation ID whose state key this is, or None for any other key."""
+        key = state_key.decode("utf-8", "surrogateescape") if isinstance(state_key, bytes) else state_key
+        if not (key.startswith(self._tag_start) and key.endswith(self._state_suffix)):
             return None
-        encoded = key[len(self._tag_start) : -len(self._queue_suffix)]
+        encoded = key[len(self._tag_start) : -len(self._state_suffix)]
         if not encoded:
             return None
         try:

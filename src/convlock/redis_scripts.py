@@ -13,8 +13,8 @@ Clients send durations (lease lengths in microseconds), never instants.
 
 The scripts mirror :mod:`convlock.tickets`:
 
-* FIFO: the queue is a sorted set scored by ticket number; the lowest live
-  ticket is the holder (``h`` in the state hash).
+* FIFO: waiters queue in a sorted set scored by ticket number; when the
+  holder (``h`` in the state hash) leaves, the lowest live waiter is promoted.
 * Lapsed tickets are skipped: any script that looks at the queue first drops
   leading tickets whose lease ended (:func:`serve` in the prelude).
 * The lease restarts at grant: a waiter's lease is its keep-alive while it
@@ -75,9 +75,18 @@ class LuaScript:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
-# Shared by every script. Defines the keys, the server clock and the two
-# rules every script must apply: ``cover`` (keys outlive leases) and
-# ``serve`` (the lowest live ticket holds; lapsed ones are dropped).
+# Shared by every script. Defines the keys, the server clock and the rules
+# every script applies: ``cover`` (keys outlive leases), ``count`` (the
+# waiter count that lets the fast paths skip the queue), ``forget`` (an idle
+# conversation leaves at most its counter) and ``serve`` (a live holder, or
+# the first live waiter promoted; lapsed tickets dropped).
+#
+# State hash ``s``: n = last ticket issued; h, e, l = the holder's ticket,
+# lease end and lease length; w = number of waiters (absent when none);
+# x = the furthest lease end the keys' TTL covers; e<T>, l<T> = waiter T's
+# lease end and length. Queue ``q``: the waiters only, scored by ticket.
+# Keeping the holder out of the queue is what makes the uncontended acquire
+# and release touch one key with three or four calls each.
 _PRELUDE = """
 local q, s, wake = KEYS[1], KEYS[2], ARGV[1]
 local clock = redis.call('TIME')
@@ -87,23 +96,35 @@ local function fmt(n)
   return string.format('%.0f', n)
 end
 
--- Let both keys live until MARGIN after a lease ending at `ends`. `x`
--- remembers the furthest end, so this costs one HGET when nothing changes.
-local function cover(ends)
+-- Let both keys live until MARGIN ms after the furthest lease (x). `force`
+-- re-applies the TTL even if x did not move: a queue just created has none.
+local function cover(ends, force)
   local x = tonumber(redis.call('HGET', s, 'x') or '0')
   if ends > x then
-    local ms = math.ceil((ends - now) / 1000) + MARGIN
-    redis.call('HSET', s, 'x', fmt(ends))
-    redis.call('PEXPIRE', s, ms)
-    redis.call('PEXPIRE', q, ms)
+    x = ends
+    redis.call('HSET', s, 'x', fmt(x))
+  elseif not force then
+    return
+  end
+  local ms = math.ceil((x - now) / 1000) + MARGIN
+  redis.call('PEXPIRE', s, ms)
+  redis.call('PEXPIRE', q, ms)
+end
+
+local function count()
+  local waiting = redis.call('ZCARD', q)
+  if waiting > 0 then
+    redis.call('HSET', s, 'w', waiting)
+  else
+    redis.call('HDEL', s, 'w')
   end
 end
 
--- The queue is empty: delete the conversation. Keep the ticket counter
+-- Nobody holds or waits: delete the conversation. Keep the ticket counter
 -- alone while the clock has not passed it (tickets.may_forget), expiring
 -- just after it does, so the next ticket still comes out higher.
-local function forget()
-  local n = tonumber(redis.call('HGET', s, 'n') or '0')
+local function forget(n)
+  n = tonumber(n or redis.call('HGET', s, 'n') or '0')
   redis.call('DEL', s)
   if n >= now then
     redis.call('HSET', s, 'n', fmt(n))
@@ -111,44 +132,44 @@ local function forget()
   end
 end
 
--- Make the lowest live ticket the holder and return it with its lease end
--- (nil when the queue is empty). Leading tickets whose lease ended are
--- dropped: a holder or waiter that stopped renewing (crashed, hung, or a
--- renew=False holder past its lifetime) must not block the queue. A newly
--- granted ticket's lease restarts now for its full length, and its owner is
--- woken by a push on its own list, except when `own` is that ticket (the
--- caller is its owner and learns from the reply).
+-- Return the holder and its lease end, promoting the first live waiter if
+-- the holder is gone or its lease ended (nil when nobody is left). Lapsed
+-- tickets (owners that stopped renewing: crashed, hung, or renew=False
+-- past its lifetime) are dropped, so they cannot block the queue. A
+-- promoted ticket's lease restarts now for its full length, and its owner
+-- is woken by a push on its own list, unless it is `own` (the caller).
 local function serve(own)
-  local h = redis.call('HGET', s, 'h')
+  local st = redis.call('HMGET', s, 'h', 'e')
+  local ends = tonumber(st[2])
+  if st[1] and ends > now then
+    return st[1], ends
+  end
+  if st[1] then
+    redis.call('HDEL', s, 'h', 'e', 'l')
+  end
   while true do
     local first = redis.call('ZRANGE', q, 0, 0)[1]
     if not first then
-      forget()
+      forget(nil)
       return nil, 0
     end
+    redis.call('ZREM', q, first)
     local lease = redis.call('HMGET', s, 'e' .. first, 'l' .. first)
-    local ends = tonumber(lease[1])
-    if ends and ends > now then
-      if h ~= first then
-        local length = tonumber(lease[2])
-        ends = now + length
-        redis.call('HSET', s, 'h', first, 'e' .. first, fmt(ends))
-        cover(ends)
-        if first ~= own then
-          local w = wake .. first
-          redis.call('RPUSH', w, '1')
-          redis.call('PEXPIRE', w, math.ceil(length / 1000) + MARGIN)
-        end
+    redis.call('HDEL', s, 'e' .. first, 'l' .. first)
+    local waited = tonumber(lease[1])
+    if waited and waited > now then
+      ends = now + tonumber(lease[2])
+      redis.call('HSET', s, 'h', first, 'e', fmt(ends), 'l', lease[2])
+      cover(ends, false)
+      count()
+      if first ~= own then
+        local w = wake .. first
+        redis.call('RPUSH', w, '1')
+        redis.call('PEXPIRE', w, math.ceil(tonumber(lease[2]) / 1000) + MARGIN)
       end
       return first, ends
     end
-    redis.call('ZREM', q, first)
-    redis.call('HDEL', s, 'e' .. first, 'l' .. first)
     redis.call('DEL', wake .. first)
-    if h == first then
-      redis.call('HDEL', s, 'h')
-      h = false
-    end
   end
 end
 """.replace("MARGIN", str(KEY_TTL_MARGIN_MS))
@@ -161,58 +182,67 @@ def _script(name: str, body: str) -> LuaScript:
 ISSUE = _script(
     "issue",
     """
--- Draw a ticket and take the lock if nobody holds it.
--- ARGV[2]: lease length (us). Returns {ticket, granted 0/1, holder's lease left (us)}.
+-- Draw a ticket; take the lock if nobody holds it or waits.
+-- ARGV[2]: lease length (us). Returns the ticket (an integer) when granted,
+-- else {ticket, holder's lease left (us)}: the shortest replies to parse.
 local length = ARGV[2]
-local state = redis.call('HMGET', s, 'n', 'h')
-local last = tonumber(state[1])
+local st = redis.call('HMGET', s, 'n', 'h', 'w')
 local t = now
+local last = tonumber(st[1])
 if last and last + 1 > t then
   t = last + 1  -- tickets.next_fencing_token: max(last + 1, now)
 end
 local ticket = fmt(t)
-local ends = now + tonumber(length)
-if not state[2] and redis.call('EXISTS', q) == 0 then
-  -- Nobody holds it and nobody waits: the fast path.
-  redis.call('ZADD', q, ticket, ticket)
-  redis.call('HSET', s, 'n', ticket, 'h', ticket, 'e' .. ticket, fmt(ends), 'l' .. ticket, length,
-             'x', fmt(ends))
-  local ms = math.ceil(tonumber(length) / 1000) + MARGIN
-  redis.call('PEXPIRE', q, ms)
-  redis.call('PEXPIRE', s, ms)
-  return {t, 1, ends - now}
+local ends = fmt(now + tonumber(length))
+if not st[2] and not st[3] then
+  -- The fast path: one key, one write, one TTL.
+  redis.call('HSET', s, 'n', ticket, 'h', ticket, 'e', ends, 'l', length, 'x', ends)
+  redis.call('PEXPIRE', s, math.ceil(tonumber(length) / 1000) + MARGIN)
+  return t
 end
-redis.call('HSET', s, 'n', ticket, 'e' .. ticket, fmt(ends), 'l' .. ticket, length)
+redis.call('HSET', s, 'n', ticket, 'e' .. ticket, ends, 'l' .. ticket, length)
 redis.call('ZADD', q, ticket, ticket)
-cover(ends)
+cover(tonumber(ends), not st[3])
 local head, head_ends = serve(ticket)
+count()
 if head == ticket then
-  return {t, 1, head_ends - now}
+  return t
 end
-return {t, 0, head_ends - now}
+return {t, head_ends - now}
 """.replace("MARGIN", str(KEY_TTL_MARGIN_MS)),
 )
 
 RELEASE = _script(
     "release",
     """
--- Withdraw a ticket, held or waiting, and serve the next one: the release
--- at the end of a hold, and the clean-up of a waiter that gave up. A ticket
--- already revoked changes nothing. ARGV[2]: ticket.
--- Returns 1 if the ticket was the holder, else 0.
+-- End a hold, or withdraw a waiting ticket (ARGV[3] = '1': also clear its
+-- wake-up list, which a grant may have filled just as its owner gave up),
+-- and serve the next ticket. A ticket already revoked changes nothing.
+-- ARGV[2]: ticket. Returns 1 if the ticket was the holder, else 0.
 local ticket = ARGV[2]
-local h = redis.call('HGET', s, 'h')
-redis.call('DEL', wake .. ticket)
-if redis.call('ZREM', q, ticket) == 0 then
-  return 0
+if ARGV[3] == '1' then
+  redis.call('DEL', wake .. ticket)
 end
-if h == ticket then
-  redis.call('HDEL', s, 'h', 'e' .. ticket, 'l' .. ticket)
+local st = redis.call('HMGET', s, 'h', 'w', 'n')
+if st[1] == ticket then
+  if not st[2] then
+    -- The fast path: nobody waits, so the conversation goes idle.
+    if now > tonumber(st[3]) then
+      redis.call('DEL', s)
+    else
+      forget(st[3])
+    end
+    return 1
+  end
+  redis.call('HDEL', s, 'h', 'e', 'l')
   serve(nil)
   return 1
 end
-redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket)
-serve(nil)
+if redis.call('ZREM', q, ticket) == 1 then
+  redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket)
+  count()
+  serve(nil)
+end
 return 0
 """,
 )
@@ -231,12 +261,12 @@ if head == ticket then
   return {1, head_ends - now}
 end
 local length = redis.call('HGET', s, 'l' .. ticket)
-if not length then
+if not length or not head then
   return {-1, 0}
 end
 local ends = now + tonumber(length)
 redis.call('HSET', s, 'e' .. ticket, fmt(ends))
-cover(ends)
+cover(ends, false)
 return {0, head_ends - now}
 """,
 )
@@ -253,9 +283,9 @@ if head ~= ticket then
   return 0
 end
 if ARGV[3] == '1' then
-  local ends = now + tonumber(redis.call('HGET', s, 'l' .. ticket))
-  redis.call('HSET', s, 'e' .. ticket, fmt(ends))
-  cover(ends)
+  local ends = now + tonumber(redis.call('HGET', s, 'l'))
+  redis.call('HSET', s, 'e', fmt(ends))
+  cover(ends, false)
 end
 return 1
 """,
@@ -264,17 +294,17 @@ return 1
 INSPECT = _script(
     "inspect",
     """
--- A snapshot: {ticket, lease left (us), ...} in queue order, holder first;
--- empty when idle. Waiters whose lease ended are left out (they would be
--- dropped when they reach the front).
-local head = serve(nil)
+-- A snapshot: {ticket, lease left (us), ...} holder first, then waiters in
+-- queue order; empty when idle. Waiters whose lease ended are left out
+-- (they are dropped when they reach the front).
+local head, head_ends = serve(nil)
 if not head then
   return {}
 end
-local out = {}
+local out = {head, head_ends - now}
 for _, t in ipairs(redis.call('ZRANGE', q, 0, -1)) do
   local ends = tonumber(redis.call('HGET', s, 'e' .. t))
-  if ends and (t == head or ends > now) then
+  if ends and ends > now then
     out[#out + 1] = t
     out[#out + 1] = ends - now
   end
@@ -292,9 +322,7 @@ local head = serve(nil)
 if not head then
   return false
 end
-redis.call('ZREM', q, head)
-redis.call('HDEL', s, 'h', 'e' .. head, 'l' .. head)
-redis.call('DEL', wake .. head)
+redis.call('HDEL', s, 'h', 'e', 'l')
 serve(nil)
 return head
 """,

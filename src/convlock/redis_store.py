@@ -101,6 +101,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import redis_scripts as scripts
 from .config import LockStoreSettings, RedisSettings
@@ -198,11 +199,12 @@ class _RedisHold(HeldLock):
             raise LockError("the lock store is closed", conversation_id=self.conversation_id)
         sent = time.monotonic()
         reply = await store._eval(scripts.ISSUE, self._keys, self._lifetime_arg)
-        self._number = reply[0]
-        if reply[1] == 1:
+        if type(reply) is int:  # granted at once: the ticket alone
+            self._number = reply
             self._deadline = sent + self._lifetime
         else:
-            await store._wait(self, reply[2], sent)
+            self._number = reply[0]
+            await store._wait(self, reply[1], sent)
         if self._renew:
             store._register(self)
         return self
@@ -318,6 +320,11 @@ class RedisLockStore(LockStore):
                 f"got {type(redis).__name__}"
             )
         self._space = KeySpace(prefix)
+        # A plain client talks to one server; Sentinel and Cluster clients
+        # may try several in turn (see _eval).
+        self._one_server = type(self._client) is aioredis.Redis and not hasattr(
+            self._client.connection_pool, "service_name"
+        )
         self._closed = False
         self._renewing: set[_RedisHold] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -419,11 +426,11 @@ class RedisLockStore(LockStore):
                     self._requeued += 1
                     checked = time.monotonic()
                     reply = await self._eval(scripts.ISSUE, keys, hold._lifetime_arg)
-                    hold._number = reply[0]
-                    holder_left_us = reply[2]
-                    if reply[1] == 1:
+                    if type(reply) is int:
+                        hold._number = reply
                         hold._deadline = checked + hold._lifetime
                         return
+                    hold._number, holder_left_us = reply
                 probe_sent = checked
         except asyncio.CancelledError:
             self._cancelled += 1
@@ -436,7 +443,7 @@ class RedisLockStore(LockStore):
     async def _give_up(self, hold: _RedisHold) -> NoReturn:
         """Withdraw a waiter whose ``wait_timeout`` passed and raise ``LockTimeoutError``."""
         self._timeouts += 1
-        await self._eval(scripts.RELEASE, hold._keys, hold._number)
+        await self._eval(scripts.RELEASE, hold._keys, hold._number, 1)
         raise LockTimeoutError(
             f"waited {hold._wait_timeout:g}s for conversation {hold.conversation_id!r} without "
             f"being served (ticket {hold._number} withdrawn)",
@@ -448,7 +455,7 @@ class RedisLockStore(LockStore):
 
         async def withdraw() -> None:
             try:
-                await self._eval(scripts.RELEASE, keys, ticket)
+                await self._eval(scripts.RELEASE, keys, ticket, 1)
             except LockStoreUnavailable as error:
                 logger.warning(
                     "could not withdraw ticket %s (%s); it lapses when its lease ends", ticket, error
@@ -528,8 +535,8 @@ class RedisLockStore(LockStore):
 
     def _unavailable_error(self, error: BaseException) -> LockStoreUnavailable:
         self._unavailable += 1
-        if isinstance(error, TimeoutError):
-            detail = f"no answer within socket_timeout={self._socket_timeout:g}s"
+        if isinstance(error, TimeoutError | RedisTimeoutError):
+            detail = f"no answer within socket_timeout={self._socket_timeout:g}s: {error or 'timed out'}"
         else:
             detail = f"{type(error).__name__}: {error}"
         return LockStoreUnavailable(
@@ -538,22 +545,32 @@ class RedisLockStore(LockStore):
 
     async def _eval(self, script: scripts.LuaScript, keys: ConversationKeys, *args: Any) -> Any:
         """Run ``script`` on a conversation's keys, bounded by ``socket_timeout``."""
-        client = self._client
         try:
+            if self._one_server:
+                # redis-py bounds the connect and every read and write by
+                # socket_timeout, and one server means one of each: no outer
+                # timer is needed on the hot path.
+                return await self._run(script, keys, args)
+            # Sentinel asks each sentinel in turn and a cluster may walk its
+            # nodes: only an outer timer bounds the whole call.
             async with asyncio.timeout(self._socket_timeout):
-                try:
-                    return await client.execute_command(
-                        "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
-                    )
-                except NoScriptError:
-                    # A restarted or failed-over server forgot our scripts. (As
-                    # one word, "SCRIPT LOAD" goes to every node of a cluster.)
-                    await client.execute_command("SCRIPT LOAD", script.source)
-                    return await client.execute_command(
-                        "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
-                    )
+                return await self._run(script, keys, args)
         except (RedisError, OSError, TimeoutError) as error:
             raise self._unavailable_error(error) from error
+
+    async def _run(self, script: scripts.LuaScript, keys: ConversationKeys, args: tuple[Any, ...]) -> Any:
+        client = self._client
+        try:
+            return await client.execute_command(
+                "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
+            )
+        except NoScriptError:
+            # A restarted or failed-over server forgot our scripts. (As one
+            # word, "SCRIPT LOAD" goes to every node of a cluster.)
+            await client.execute_command("SCRIPT LOAD", script.source)
+            return await client.execute_command(
+                "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
+            )
 
     async def _blpop(self, key: str, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a push on ``key``; True if one came."""
@@ -617,7 +634,7 @@ class RedisLockStore(LockStore):
                 found = [
                     key
                     async for key in self._client.scan_iter(
-                        match=self._space.queue_pattern(), count=1000, _type="zset"
+                        match=self._space.state_pattern(), count=1000, _type="hash"
                     )
                 ]
         except (RedisError, OSError, TimeoutError) as error:
