@@ -264,7 +264,7 @@ async def test_dead_waiters_are_skipped(store: RedisLockStore, redis_server: Red
     async with store.lock("dead") as held:
         with redis_server.client(decode_responses=False) as raw:
             # A waiter whose process died right after drawing: it never renews.
-            dead = raw.eval(scripts.ISSUE.source, 2, keys.queue, keys.state, keys.wake_prefix, 200_000)
+            dead = raw.eval(scripts.ISSUE.source, 1, keys.state, 200_000)
         assert isinstance(dead, list)  # queued, not granted
         alive = asyncio.create_task(_hold_briefly(store, "dead"))
         await _until(lambda: _nwaiting(store, "dead", 2))

@@ -29,11 +29,13 @@ The scripts mirror :mod:`convlock.tickets`:
 * No leaks: both keys of a conversation expire a margin after the furthest
   lease (``x``), and are deleted outright when the queue empties.
 
-Keys (see :mod:`convlock.redis_keys`): ``KEYS[1]`` is the queue, ``KEYS[2]``
-the state hash, and ``ARGV[1]`` the prefix of the per-ticket wake-up lists.
-The wake-up lists are not declared in ``KEYS`` because their names depend on
-the ticket granted, which only the script knows; they share the hash tag of
-the declared keys, so Redis Cluster sees a single slot.
+Keys (see :mod:`convlock.redis_keys`): ``KEYS[1]`` is the state hash
+``P:{E}:s``; the queue ``P:{E}:q`` and the wake-up lists ``P:{E}:w:<T>`` are
+named from it inside the script. They are not declared because a wake-up
+list's name depends on the ticket granted, which only the script knows, and
+declaring one key keeps the hot path's request short; they share the hash
+tag of the declared key, so Redis Cluster sees a single slot and routes the
+call by it.
 
 Numbers: tickets are microseconds since the epoch (about 1.8e15), exact in
 Lua's doubles up to 2^53. Lua would print them as ``1.8e+15``, so every
@@ -87,15 +89,19 @@ class LuaScript:
 # lease end and length. Queue ``q``: the waiters only, scored by ticket.
 # Keeping the holder out of the queue is what makes the uncontended acquire
 # and release touch one key with three or four calls each.
-_PRELUDE = """
-local q, s, wake = KEYS[1], KEYS[2], ARGV[1]
+_HEADER = """
+local s = KEYS[1]
+local base = string.sub(s, 1, -2)
+local q, wake = base .. 'q', base .. 'w:'
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 
 local function fmt(n)
   return string.format('%.0f', n)
 end
+"""
 
+_PRELUDE = """
 -- Let both keys live until MARGIN ms after the furthest lease (x). `force`
 -- re-applies the TTL even if x did not move: a queue just created has none.
 local function cover(ends, force)
@@ -175,17 +181,30 @@ end
 """.replace("MARGIN", str(KEY_TTL_MARGIN_MS))
 
 
-def _script(name: str, body: str) -> LuaScript:
-    return LuaScript(name, f"-- convlock: {name}\n{_PRELUDE}\n{body.strip()}\n")
+def _script(name: str, body: str, fast: str = "") -> LuaScript:
+    # The fast path runs before the helpers are defined, so the common case
+    # does not pay for building their closures.
+    return LuaScript(name, f"-- convlock: {name}\n{_HEADER}\n{fast.strip()}\n{_PRELUDE}\n{body.strip()}\n")
 
 
 ISSUE = _script(
     "issue",
     """
+redis.call('HSET', s, 'n', ticket, 'e' .. ticket, ends, 'l' .. ticket, length)
+redis.call('ZADD', q, ticket, ticket)
+cover(tonumber(ends), not st[3])
+local head, head_ends = serve(ticket)
+count()
+if head == ticket then
+  return t
+end
+return {t, head_ends - now}
+""",
+    fast="""
 -- Draw a ticket; take the lock if nobody holds it or waits.
--- ARGV[2]: lease length (us). Returns the ticket (an integer) when granted,
+-- ARGV[1]: lease length (us). Returns the ticket (an integer) when granted,
 -- else {ticket, holder's lease left (us)}: the shortest replies to parse.
-local length = ARGV[2]
+local length = ARGV[1]
 local st = redis.call('HMGET', s, 'n', 'h', 'w')
 local t = now
 local last = tonumber(st[1])
@@ -200,40 +219,13 @@ if not st[2] and not st[3] then
   redis.call('PEXPIRE', s, math.ceil(tonumber(length) / 1000) + MARGIN)
   return t
 end
-redis.call('HSET', s, 'n', ticket, 'e' .. ticket, ends, 'l' .. ticket, length)
-redis.call('ZADD', q, ticket, ticket)
-cover(tonumber(ends), not st[3])
-local head, head_ends = serve(ticket)
-count()
-if head == ticket then
-  return t
-end
-return {t, head_ends - now}
 """.replace("MARGIN", str(KEY_TTL_MARGIN_MS)),
 )
 
 RELEASE = _script(
     "release",
     """
--- End a hold, or withdraw a waiting ticket (ARGV[3] = '1': also clear its
--- wake-up list, which a grant may have filled just as its owner gave up),
--- and serve the next ticket. A ticket already revoked changes nothing.
--- ARGV[2]: ticket. Returns 1 if the ticket was the holder, else 0.
-local ticket = ARGV[2]
-if ARGV[3] == '1' then
-  redis.call('DEL', wake .. ticket)
-end
-local st = redis.call('HMGET', s, 'h', 'w', 'n')
 if st[1] == ticket then
-  if not st[2] then
-    -- The fast path: nobody waits, so the conversation goes idle.
-    if now > tonumber(st[3]) then
-      redis.call('DEL', s)
-    else
-      forget(st[3])
-    end
-    return 1
-  end
   redis.call('HDEL', s, 'h', 'e', 'l')
   serve(nil)
   return 1
@@ -245,6 +237,28 @@ if redis.call('ZREM', q, ticket) == 1 then
 end
 return 0
 """,
+    fast="""
+-- End a hold, or withdraw a waiting ticket (ARGV[2] = '1': also clear its
+-- wake-up list, which a grant may have filled just as its owner gave up),
+-- and serve the next ticket. A ticket already revoked changes nothing.
+-- ARGV[1]: ticket. Returns 1 if the ticket was the holder, else 0.
+local ticket = ARGV[1]
+if ARGV[2] == '1' then
+  redis.call('DEL', wake .. ticket)
+end
+local st = redis.call('HMGET', s, 'h', 'w', 'n')
+if st[1] == ticket and not st[2] then
+  -- The fast path: nobody waits, so the conversation goes idle. The
+  -- counter stays only while the clock has not passed it (may_forget).
+  local n = tonumber(st[3])
+  redis.call('DEL', s)
+  if n >= now then
+    redis.call('HSET', s, 'n', st[3])
+    redis.call('PEXPIRE', s, math.floor((n - now) / 1000) + 2)
+  end
+  return 1
+end
+""",
 )
 
 CHECK = _script(
@@ -252,9 +266,9 @@ CHECK = _script(
     """
 -- A waiter's periodic look, in case its wake-up was lost or the holder's
 -- lease ended: serve the queue, and renew the waiter's own lease.
--- ARGV[2]: ticket. Returns {state, holder's lease left (us)} where state is
+-- ARGV[1]: ticket. Returns {state, holder's lease left (us)} where state is
 -- 1 granted, 0 still waiting (lease renewed), -1 gone (it lapsed).
-local ticket = ARGV[2]
+local ticket = ARGV[1]
 local head, head_ends = serve(ticket)
 if head == ticket then
   redis.call('DEL', wake .. ticket)  -- a push made before this look
@@ -274,15 +288,15 @@ return {0, head_ends - now}
 RENEW = _script(
     "renew",
     """
--- A holder's keep-alive (ARGV[3] = '1') or check (ARGV[3] = '0'). The
+-- A holder's keep-alive (ARGV[2] = '1') or check (ARGV[2] = '0'). The
 -- queue is served first, so a lease that already ended is not revived.
--- ARGV[2]: ticket. Returns 1 while the ticket holds, else 0.
-local ticket = ARGV[2]
+-- ARGV[1]: ticket. Returns 1 while the ticket holds, else 0.
+local ticket = ARGV[1]
 local head = serve(ticket)
 if head ~= ticket then
   return 0
 end
-if ARGV[3] == '1' then
+if ARGV[2] == '1' then
   local ends = now + tonumber(redis.call('HGET', s, 'l'))
   redis.call('HSET', s, 'e', fmt(ends))
   cover(ends, false)

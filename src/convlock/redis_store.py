@@ -562,14 +562,14 @@ class RedisLockStore(LockStore):
         client = self._client
         try:
             return await client.execute_command(
-                "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
+                "EVALSHA", script.sha, 1, keys.state, *args
             )
         except NoScriptError:
             # A restarted or failed-over server forgot our scripts. (As one
             # word, "SCRIPT LOAD" goes to every node of a cluster.)
             await client.execute_command("SCRIPT LOAD", script.source)
             return await client.execute_command(
-                "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
+                "EVALSHA", script.sha, 1, keys.state, *args
             )
 
     async def _blpop(self, key: str, timeout: float) -> bool:
@@ -594,7 +594,7 @@ class RedisLockStore(LockStore):
                     pipe = client.pipeline(transaction=False)
                     for keys, args in calls:
                         pipe.execute_command(
-                            "EVALSHA", script.sha, 2, keys.queue, keys.state, keys.wake_prefix, *args
+                            "EVALSHA", script.sha, 1, keys.state, *args
                         )
                     replies: list[Any] = await pipe.execute(raise_on_error=False)
                     if attempt == 0 and any(isinstance(reply, NoScriptError) for reply in replies):
