@@ -2,10 +2,10 @@
 
 Design
 ------
-Each conversation's state lives in two Redis keys (a sorted set of live
-tickets and a hash; layout in :mod:`convlock.redis_keys`), and every change
-to it is one Lua script (:mod:`convlock.redis_scripts`) run with
-``EVALSHA``. A script is atomic and costs one round trip, so:
+Each conversation's state lives in a Redis hash, plus a sorted set of
+waiting tickets while anyone waits (layout in :mod:`convlock.redis_keys`),
+and every change to it is one Lua script (:mod:`convlock.redis_scripts`)
+run with ``EVALSHA``. A script is atomic and costs one round trip, so:
 
 * an uncontended acquire is one ``EVALSHA`` (draw a ticket; it is granted at
   once), and a release is one more (withdraw it; serve the next);
@@ -61,11 +61,13 @@ safe bound even when renewals cannot reach Redis.
 
 Failures
 --------
-Every Redis call is bounded by ``socket_timeout`` (``asyncio.timeout``
-around redis-py's own socket timeouts), and connection errors, timeouts and
-error replies become :class:`~convlock.LockStoreUnavailable` naming the
-server. Nothing is retried blindly: a script that may have run is not sent
-again. After Redis comes back, the pool reconnects on the next call.
+Every Redis call is bounded by ``socket_timeout``: redis-py bounds the
+connect and each read and write by it, which for a single server bounds the
+call; with Sentinel or Cluster, where a call may try several servers in
+turn, an ``asyncio.timeout`` bounds the whole call as well. Connection
+errors, timeouts and error replies become
+:class:`~convlock.LockStoreUnavailable` naming the server. Nothing is
+retried blindly: a script that may have run is not sent again. After Redis comes back, the pool reconnects on the next call.
 
 A waiter that is cancelled withdraws its ticket in a background task (so
 cancellation takes effect at once and the withdrawal still happens); the
