@@ -67,7 +67,8 @@ call; with Sentinel or Cluster, where a call may try several servers in
 turn, an ``asyncio.timeout`` bounds the whole call as well. Connection
 errors, timeouts and error replies become
 :class:`~convlock.LockStoreUnavailable` naming the server. Nothing is
-retried blindly: a script that may have run is not sent again. After Redis comes back, the pool reconnects on the next call.
+retried blindly: a script that may have run is not sent again. After
+Redis comes back, the pool reconnects on the next call.
 
 A waiter that is cancelled withdraws its ticket in a background task (so
 cancellation takes effect at once and the withdrawal still happens); the
