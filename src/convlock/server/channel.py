@@ -62,7 +62,9 @@ async def webhook(request: Request) -> Response:
     return JSONResponse(responses, headers={"Server-Timing": timing.header()})
 
 
-async def process_message(ctx: ServerContext, message: Message, timing: Any = None) -> list[dict[str, Any]]:
+async def process_message(
+    ctx: ServerContext, message: Message, timing: _Timing | None = None
+) -> list[dict[str, Any]]:
     """Run one message through lock, load, handler, save and release.
 
     Returns the response dicts, or raises :class:`ApiError` with the status
