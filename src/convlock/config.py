@@ -37,6 +37,7 @@ from .errors import ConfigError
 __all__ = [
     "LockStoreSettings",
     "RedisSettings",
+    "StoreSettings",
     "load_endpoints",
     "parse_settings",
 ]
@@ -216,7 +217,25 @@ class RedisSettings(_Settings):
         return pairs
 
 
-class LockStoreSettings(RedisSettings):
+class StoreSettings(RedisSettings):
+    """What every store block shares: ``type`` plus the Redis connection keys.
+
+    ``type`` names a built-in store (``in_memory``, the default, or
+    ``redis``); a dotted class path never reaches this model (the factory
+    builds such classes from the raw keys).
+    """
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _check_type(cls, value: Any) -> Any:
+        if value is None:
+            return "in_memory"
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("type must be 'in_memory', 'redis' or the dotted path of a store class")
+        return value
+
+
+class LockStoreSettings(StoreSettings):
     """The whole ``lock_store:`` block.
 
     ``type`` is ``in_memory`` (the default), ``redis``, or the dotted path of
@@ -226,15 +245,6 @@ class LockStoreSettings(RedisSettings):
 
     lifetime: OptionalSeconds = None
     wait_timeout: OptionalSeconds = None
-
-    @field_validator("type", mode="before")
-    @classmethod
-    def _check_type(cls, value: Any) -> Any:
-        if value is None:
-            return "in_memory"
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError("type must be 'in_memory', 'redis' or a dotted path to a LockStore class")
-        return value
 
 
 def describe(value: Any) -> str:
