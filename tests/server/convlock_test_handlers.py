@@ -7,7 +7,9 @@ with ``ctl:``, which misbehave on purpose:
 * ``ctl:sleep:<s>``: change the state, then ``await asyncio.sleep(s)``;
 * ``ctl:block:<s>``: ``time.sleep(s)``, freezing the whole process as a long GC pause would;
 * ``ctl:bad``: return an object that is not a response;
-* ``ctl:nan``: put NaN (not JSON) into the state.
+* ``ctl:nan``: put NaN (not JSON) into the state;
+* ``ctl:cancel``: change the state, then raise ``asyncio.CancelledError`` itself
+  (as a library whose own task was cancelled may), without being cancelled.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ async def control(message: Message, conversation: Conversation) -> HandlerResult
     if text == "ctl:boom":
         conversation.state["dirty"] = True
         raise RuntimeError("boom on purpose")
+    if text == "ctl:cancel":
+        conversation.state["dirty"] = True
+        raise asyncio.CancelledError("raised by the handler, not a cancellation of the request")
     if text.startswith("ctl:sleep:"):
         conversation.state["dirty"] = True
         await asyncio.sleep(float(text.rsplit(":", 1)[1]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -183,6 +184,101 @@ def test_an_overlong_id_in_a_path_is_422(client: httpx.Client) -> None:
         assert "4096" in response.json()["reason"]
 
 
+def metric_lines(client: httpx.Client) -> dict[str, float]:
+    text = client.get("/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+WEBHOOK_500 = 'convlock_http_requests_total{method="POST",route="/webhooks/rest/webhook",status="500"}'
+
+
+@pytest.mark.parametrize("depth", [101, 500, 965, 975, 990])
+def test_deeply_nested_metadata_is_400_at_any_depth(client: httpx.Client, depth: int) -> None:
+    """Nesting that parses but is too deep to store (or to echo from the tracker) must be refused up front.
+
+    Depths just under the interpreter's recursion limit used to pass the parse check
+    and then fail with a RecursionError (500) while the tracker store encoded the event.
+    """
+    sender = cid()
+    nested = "[" * depth + "]" * depth
+    body = f'{{"sender": "{sender}", "message": "x", "metadata": {{"a": {nested}}}}}'.encode()
+    response = client.post(WEBHOOK, content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_json"
+    assert "nested too deeply" in response.json()["reason"]
+    assert tracker(client, sender)["events"] == []
+    assert_unlocked(client, sender)
+
+
+def test_metadata_nested_within_the_limit_is_stored_and_echoed(client: httpx.Client) -> None:
+    sender = cid()
+    nested: Any = "leaf"
+    for _ in range(98):  # with the body and the metadata objects: 100 levels, the limit
+        nested = [nested]
+    response = client.post(WEBHOOK, json={"sender": sender, "message": "x", "metadata": {"a": nested}})
+    assert response.status_code == 200, response.text
+    assert tracker(client, sender)["events"][0]["metadata"] == {"a": nested}
+
+
+def raw_request(server: ServerProcess, data: bytes) -> bytes:
+    """Send ``data``, half-close, and return whatever the server answers before closing."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /webhooks/rest/webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"sender\": \"a\"",
+    b"POST /webhooks/rest/webhook HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"sen\r\n",
+], ids=["short-content-length", "unfinished-chunks"])
+def test_a_client_that_leaves_mid_body_is_no_server_error(
+    server: ServerProcess, client: httpx.Client, request_bytes: bytes
+) -> None:
+    """A body cut short by the client is the client's fault: no 500 in metrics, no traceback in the log."""
+    errors_before = metric_lines(client).get(WEBHOOK_500, 0.0)
+    raw_request(server, request_bytes)
+    lines = metric_lines(client)
+    assert lines.get(WEBHOOK_500, 0.0) == errors_before
+    assert lines.get('convlock_http_requests_total{method="POST",route="/webhooks/rest/webhook",status="400"}', 0) >= 1
+    assert "ClientDisconnect" not in server.log()
+
+
+@pytest.mark.parametrize("path", ["/locks/%ff", "/locks/a%ED%A0%80b", "/conversations/%C3/tracker"])
+def test_a_path_id_that_is_not_utf8_is_refused_not_replaced(client: httpx.Client, path: str) -> None:
+    """Invalid percent-encoded UTF-8 must not silently become U+FFFD (another conversation's ID)."""
+    for method in ("GET", "DELETE"):
+        if method == "DELETE" and path.endswith("/tracker"):
+            continue
+        response = client.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 422, (method, response.text)
+        assert response.json()["error"] == "invalid_conversation_id"
+        assert "UTF-8" in response.json()["reason"]
+
+
+def test_a_real_replacement_character_in_a_path_id_still_works(client: httpx.Client) -> None:
+    sender = f"\ufffd-{uuid.uuid4().hex[:6]}"
+    assert send(client, sender, "x").status_code == 200
+    response = client.get(f"/conversations/{sender}/tracker")  # httpx sends %EF%BF%BD
+    assert response.status_code == 200
+    assert response.json()["conversation_id"] == sender
+    assert user_texts(response.json()) == ["x"]
+
+
+def test_unknown_methods_do_not_become_metric_labels(server: ServerProcess, client: httpx.Client) -> None:
+    for method in ("FOO", "conv-secret-1", "X" * 100):
+        request = f"{method} /locks/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        assert raw_request(server, request).startswith(b"HTTP/1.1 405")
+    text = client.get("/metrics").text
+    assert "FOO" not in text
+    assert "conv-secret-1" not in text
+    assert 'method="OTHER",route="/locks/{conversation_id}",status="405"' in text
+
+
 # -- handler failures
 
 
@@ -195,6 +291,7 @@ def assert_unlocked(client: httpx.Client, sender: str) -> None:
     ("ctl:boom", "RuntimeError: boom on purpose"),
     ("ctl:bad", "TypeError"),
     ("ctl:nan", "ValueError"),
+    ("ctl:cancel", "CancelledError"),
 ])
 def test_a_failing_handler_gives_500_and_changes_nothing(client: httpx.Client, text: str, detail: str) -> None:
     sender = cid()

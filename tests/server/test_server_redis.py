@@ -71,6 +71,48 @@ async def test_sigterm_finishes_messages_in_flight_and_leaves_no_lock_keys(
 
 
 @pytest.mark.slow
+async def test_messages_cancelled_past_the_shutdown_timeout_release_their_locks(
+    redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    """Past --shutdown-timeout uvicorn cancels the requests in flight; their locks must still be released.
+
+    The lease (30 s) is far longer than the test, so a lock key left behind
+    could only have been left by a release that never reached Redis, e.g.
+    because the stores were closed while the cancelled requests still
+    needed them.
+    """
+    server = start_server(
+        tmp_path, "--shutdown-timeout", "1", "--handler-timeout", "60",
+        endpoints=endpoints(tmp_path, redis_server, lifetime=30), handler=HANDLER,
+    )
+    senders = [f"c{n}" for n in range(4)]
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            in_flight = [
+                asyncio.create_task(http.post(WEBHOOK, json={"sender": sender, "message": "ctl:sleep:30"}))
+                for sender in senders
+            ]
+            for sender in senders:
+                await wait_until_held(http, sender)
+            server.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(server.popen.wait, 20) == 0
+            for task in in_flight:  # cut off, and told so in JSON
+                cut_off = await task
+                assert cut_off.status_code == 503, cut_off.text
+                assert cut_off.json()["error"] == "shutting_down"
+    finally:
+        server.kill()
+    for _ in range(100):
+        if not lock_keys(redis_server):
+            break
+        await asyncio.sleep(0.05)
+    assert lock_keys(redis_server) == [], server.log()
+    for sender in senders:  # nothing of the cancelled messages was saved
+        assert redis_server.command("HGET", f"convlock:tracker:{{{sender}}}", "n") is None
+    assert "could not release" not in server.log()
+
+
+@pytest.mark.slow
 async def test_a_holder_frozen_past_its_lease_is_refused_with_409(redis_server: RedisProcess, tmp_path: Path) -> None:
     """A blocks its whole process for 3 s (a GC pause); its 1 s lease lapses and B takes over."""
     config = endpoints(tmp_path, redis_server, lifetime=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,6 +37,18 @@ def _ctx(request: Request) -> ServerContext:
 
 def _conversation_id(request: Request) -> str:
     raw = request.path_params["conversation_id"]
+    if "\ufffd" in raw:
+        # The server decodes %-escapes leniently, turning bytes that are not
+        # UTF-8 into U+FFFD: "%ff" would name the conversation "\ufffd".
+        try:
+            unquote_to_bytes(request.scope.get("raw_path") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(
+                422,
+                "invalid_conversation_id",
+                "the conversation ID in the path is not valid UTF-8 once %-decoded; "
+                "percent-encode the ID's UTF-8 bytes",
+            ) from None
     try:
         return check_conversation_id(raw)
     except ValueError as exc:

@@ -7,6 +7,8 @@ factory uvicorn's worker processes call (``--workers N``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +33,14 @@ from .responses import ApiError, JSONResponse, error_response
 __all__ = ["app_from_environment", "build_app"]
 
 logger = logging.getLogger("convlock.server")
+
+
+#: Methods counted under their own name; any other (clients may send any token) counts as OTHER,
+#: so that no client can add label values, and so series, at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+#: At shutdown, how long to wait for messages cancelled past the graceful timeout to release
+#: their locks before the stores are closed.
+RELEASE_GRACE = 10.0
 
 
 class _MetricsMiddleware:
@@ -60,7 +70,8 @@ class _MetricsMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             # Templates read "{conversation_id:conversation_id}"; drop the convertor's name.
             template = template.replace(":conversation_id}", "}")
-            self.ctx.metrics.observe_request(scope["method"], template, status, time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            self.ctx.metrics.observe_request(method, template, status, time.perf_counter() - start)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -133,10 +144,14 @@ def build_app(ctx: ServerContext) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         # The server has stopped accepting and the requests in flight have
-        # finished (or were cancelled past the graceful timeout), so every
-        # lock has been released by its ``async with``.
+        # finished, or were cancelled past the graceful timeout. uvicorn does
+        # not wait for cancelled requests to unwind, so wait here until each
+        # has left its ``async with`` (releasing its lock) before the stores close.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RELEASE_GRACE):
+                await ctx.idle.wait()
         if ctx.in_flight:
-            logger.warning("shutting down with %d messages still in flight", ctx.in_flight)
+            logger.warning("closing the stores with %d messages still in flight", ctx.in_flight)
         await ctx.lock_store.aclose()
         await ctx.tracker_store.aclose()
         logger.info("stores closed")

@@ -9,8 +9,9 @@ with`` block and nothing is saved unless the handler finished in time.
 Outcomes: 200 with the responses; 409 when the tracker refused this ticket
 as stale (the lease lapsed or was revoked and a newer holder took over);
 504 when the handler ran out of time; 500 when it raised or returned
-something that is not JSON; 503 when a store is unreachable or the lock was
-not granted within the lock store's ``wait_timeout``.
+something that is not JSON; 503 when a store is unreachable, the lock was
+not granted within the lock store's ``wait_timeout``, or the server's
+shutdown cancelled the message past ``--shutdown-timeout``.
 
 The ``Server-Timing`` header of a 200 splits the request time into
 ``lock`` (waiting for and acquiring the lock), ``load``, ``handler``,
@@ -74,6 +75,7 @@ async def process_message(
     metrics = ctx.metrics
     metrics.in_flight.inc()
     ctx.in_flight += 1
+    ctx.idle.clear()
     outcome = "ok"
     start = time.perf_counter()
     acquired = released = 0.0
@@ -101,12 +103,30 @@ async def process_message(
     except (LockStoreUnavailable, TrackerStoreUnavailable) as exc:
         outcome = "unavailable"
         raise ApiError(503, "store_unavailable", str(exc), headers={"Retry-After": "1"}) from None
+    except asyncio.CancelledError:
+        # Only the server's shutdown cancels a request (past --shutdown-timeout).
+        # The lock was released on the way out; answer in JSON rather than
+        # let the server send a plain-text 500.
+        task = asyncio.current_task()
+        if task is None or not task.cancelling():
+            raise
+        task.uncancel()
+        outcome = "cancelled"
+        raise ApiError(
+            503,
+            "shutting_down",
+            "the server shut down before this message finished and cancelled it; its lock was "
+            "released and, unless it was cancelled while saving, nothing was stored",
+            headers={"Retry-After": "1"},
+        ) from None
     finally:
         if acquired:
             metrics.lock_hold.observe((released or time.perf_counter()) - acquired)
         metrics.messages.labels(outcome).inc()
         metrics.in_flight.dec()
         ctx.in_flight -= 1
+        if not ctx.in_flight:
+            ctx.idle.set()
 
 
 async def _locked(
@@ -143,6 +163,13 @@ async def _locked(
             f"the handler did not answer within {ctx.handler_timeout:g}s; the conversation's state is "
             "unchanged and its lock was released",
         ) from None
+    except asyncio.CancelledError as exc:
+        # A handler may raise CancelledError itself (e.g. from a library's own
+        # cancelled task) while nobody cancels this request: that is its failure.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise _handler_error(cid, exc) from None
     except Exception as exc:
         raise _handler_error(cid, exc) from None
     finally:
@@ -181,7 +208,7 @@ async def _locked(
     return responses
 
 
-def _handler_error(conversation_id: str, exc: Exception) -> ApiError:
+def _handler_error(conversation_id: str, exc: BaseException) -> ApiError:
     # Logged with its traceback here, where it is still being handled.
     logger.exception("handler failed for conversation %r; state left unchanged", conversation_id)
     detail = f"{type(exc).__name__}: {exc}"

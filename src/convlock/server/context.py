@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from ..store import LockStore
@@ -18,7 +19,8 @@ class ServerContext:
 
     ``handler_timeout`` bounds each handler call in seconds (None: no bound).
     ``auth_token`` guards the admin write endpoints (None: they are disabled).
-    ``in_flight`` counts messages being processed, for shutdown logging.
+    ``in_flight`` counts messages being processed; ``idle`` is set whenever it
+    is 0, so shutdown can wait until every message has released its lock.
     """
 
     lock_store: LockStore
@@ -28,3 +30,7 @@ class ServerContext:
     auth_token: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()

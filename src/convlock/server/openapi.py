@@ -34,7 +34,9 @@ _CID = {
     "schema": {"type": "string", "minLength": 1},
 }
 
-_UNAVAILABLE = _error("A store is unreachable, or the lock was not granted within wait_timeout")
+_UNAVAILABLE = _error(
+    "A store is unreachable, the lock was not granted within wait_timeout, or shutdown cancelled the message"
+)
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -119,7 +121,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "200": _json(
                             {"type": "array", "items": _ref("BotResponse")}, "The handler's responses"
                         ),
-                        "400": _error("The body is not valid JSON"),
+                        "400": _error("The body is not valid JSON, or the client left before it ended"),
                         "409": _error(
                             "This message's lock lease lapsed and a newer holder took over; nothing saved"
                         ),
@@ -148,7 +150,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "parameters": [_CID],
                     "responses": {
                         "200": _json(_ref("Tracker"), "The stored conversation (empty if never saved)"),
-                        "422": _error("The conversation ID is too long"),
+                        "422": _error("The conversation ID is too long, or not UTF-8 once %-decoded"),
                         "503": _UNAVAILABLE,
                     },
                 }
@@ -180,7 +182,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "parameters": [_CID],
                     "responses": {
                         "200": _json(_ref("LockSnapshot"), "The queue; serving is null when unlocked"),
-                        "422": _error("The conversation ID is too long"),
+                        "422": _error("The conversation ID is too long, or not UTF-8 once %-decoded"),
                         "503": _UNAVAILABLE,
                     },
                 },
@@ -212,7 +214,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                         ),
                         "401": _error("The token is missing or wrong"),
                         "403": _error("The server has no --auth-token: force-release is disabled"),
-                        "422": _error("The conversation ID is too long"),
+                        "422": _error("The conversation ID is too long, or not UTF-8 once %-decoded"),
                         "503": _UNAVAILABLE,
                     },
                 },

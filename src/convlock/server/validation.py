@@ -2,9 +2,12 @@
 
 The body is read in chunks and abandoned as soon as it passes the limit
 (``Content-Length`` is checked first, so a declared oversize body is refused
-before any of it is read). JSON is parsed strictly: no ``NaN``/``Infinity``,
-no overflowing numbers, no lone surrogates, bounded nesting, so whatever is
-accepted can be stored and echoed as JSON again.
+before any of it is read); a client that disconnects before sending all of
+it gets a 400 (which it will never read) rather than an error in the log.
+JSON is parsed strictly: no ``NaN``/``Infinity``, no overflowing numbers, no
+lone surrogates, at most :data:`MAX_JSON_DEPTH` levels of nesting, so
+whatever is accepted can be stored and echoed as JSON again, wrapped in the
+few levels that events and the tracker reply add.
 """
 
 from __future__ import annotations
@@ -14,14 +17,25 @@ import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..ids import check_conversation_id
 from .responses import ApiError
 
-__all__ = ["MAX_BODY_BYTES", "WebhookRequest", "parse_json", "read_body", "validate_webhook"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_JSON_DEPTH",
+    "WebhookRequest",
+    "parse_json",
+    "read_body",
+    "validate_webhook",
+]
 
 MAX_BODY_BYTES = 1024 * 1024
+#: Most levels of arrays and objects a body may nest, the body object included.
+#: Far below the interpreter's recursion limit, so that encoding what was
+#: accepted (inside an event, inside the tracker reply) can never recurse too deep.
+MAX_JSON_DEPTH = 100
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -38,12 +52,34 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             )
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes (1 MiB)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes (1 MiB)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(
+            400, "incomplete_body", f"the client disconnected after {total} bytes, before the body ended"
+        ) from None
     return b"".join(chunks)
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels (iteratively)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _refuse_constant(name: str) -> Any:
@@ -64,15 +100,19 @@ def parse_json(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        if _too_deep(value, MAX_JSON_DEPTH):
+            raise RecursionError
         # Re-encoding proves the value can be stored and echoed: it fails on
-        # lone surrogates ("\ud800") and on nesting too deep to serialize.
+        # lone surrogates ("\ud800").
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeError:
         raise ApiError(
             400, "invalid_json", "the body is not valid UTF-8 text (or holds a lone surrogate)"
         ) from None
     except RecursionError:
-        raise ApiError(400, "invalid_json", "the JSON is nested too deeply") from None
+        raise ApiError(
+            400, "invalid_json", f"the JSON is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+        ) from None
     except ValueError as exc:  # json.JSONDecodeError, int digit limits, refused constants
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     return value
