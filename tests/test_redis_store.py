@@ -492,3 +492,105 @@ async def test_holder_sees_lost_when_redis_goes_away(fresh_redis: RedisProcess) 
         assert lock_store.statistics()["renewal_errors"] >= 1
     finally:
         await lock_store.aclose()
+
+
+# -- races found in review
+
+
+def _blocked_clients(proc: RedisProcess) -> int:
+    return int(proc.info("clients")["blocked_clients"])
+
+
+async def test_lost_counts_from_a_grant_that_the_waiters_check_finds_late(
+    store: RedisLockStore, redis_server: RedisProcess
+) -> None:
+    """A grant pushed while the waiter is between a timed-out BLPOP and its check.
+
+    The waiter's event loop stalls (as in a GC pause) after its BLPOP timed out
+    on the server; the holder releases during the stall, which grants the
+    waiter and starts its lease. The check that follows finds the grant, but
+    the lease began earlier: ``held.lost`` must turn true when the server's
+    lease ends, not a stall later.
+    """
+    keys = KeySpace(PREFIX).keys("late")
+    with redis_server.client(decode_responses=False) as raw:
+        holder = raw.eval(scripts.ISSUE.source, 1, keys.state, 10_000_000)  # 10 s, never renewed
+    assert isinstance(holder, int)
+    hold = store.lock("late", lifetime=0.9, renew=False)  # waits in BLPOPs of lifetime/3
+    task = asyncio.create_task(hold.__aenter__())
+    await _until(lambda: _blocked_clients(redis_server) == 1)
+    released = threading.Event()
+
+    def release_once_the_blpop_timed_out() -> None:
+        deadline = time.monotonic() + 5
+        while _blocked_clients(redis_server) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with redis_server.client(decode_responses=False) as raw:
+            raw.eval(scripts.RELEASE.source, 1, keys.state, holder)
+        released.set()
+
+    thread = threading.Thread(target=release_once_the_blpop_timed_out)
+    thread.start()
+    # Stall the event loop: the BLPOP's empty reply stays unread meanwhile.
+    assert released.wait(5)
+    time.sleep(0.3)  # noqa: ASYNC251  (the stall is the point)
+    thread.join()
+    await asyncio.wait_for(task, 5)
+    try:
+        assert store.statistics()["wakeups"] == 0  # the check found the grant
+        snapshot = await store.inspect("late")
+        assert snapshot is not None
+        assert snapshot.serving is not None
+        assert snapshot.serving.ticket == hold.ticket
+        assert not hold.lost
+        await asyncio.sleep(snapshot.serving.expires_in + 0.02)
+        # The server's lease has ended: the local view must agree.
+        assert hold.lost
+        with pytest.raises(LockLostError):
+            await hold.ensure()
+    finally:
+        await hold.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("contended", [False, True], ids=["granted", "queued"])
+async def test_cancelling_during_the_draw_withdraws_the_ticket(
+    store: RedisLockStore, redis_server: RedisProcess, contended: bool
+) -> None:
+    """A task cancelled after its draw ran on the server but before the reply was read.
+
+    The ticket exists in Redis although the task never learnt its number; it
+    must still be withdrawn, or it blocks the conversation for a whole lease.
+    """
+    keys = KeySpace(PREFIX).keys("draw")
+    async with store.lock("warm"):  # an open connection and loaded scripts
+        pass
+    holder = store.lock("draw")
+    if contended:
+        await holder.__aenter__()
+    expected = 2 if contended else 1  # tickets in the conversation once the draw ran
+
+    def drawn() -> int:
+        state = redis_server.command("HGETALL", keys.state)
+        return ("h" in state) + int(state.get("w", 0))
+
+    # Hold every command on the server for a moment, so that the task sends
+    # its draw and sits waiting for the reply...
+    redis_server.command("CLIENT", "PAUSE", 500)
+    task = asyncio.create_task(store.lock("draw").__aenter__())
+    await asyncio.sleep(0.1)
+    # ...then, without yielding to the event loop (the reply stays unread),
+    # wait until the pause ends and the server has run the draw.
+    deadline = time.monotonic() + 5
+    while drawn() < expected and time.monotonic() < deadline:
+        time.sleep(0.002)  # noqa: ASYNC251
+    assert drawn() == expected
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    if contended:
+        await holder.__aexit__(None, None, None)
+    # The orphan would hold or block "draw" for its 5 s lease.
+    async with store.lock("draw", wait_timeout=1.0) as held:
+        assert held.ticket > 0
+    await _until(lambda: _keys(redis_server) == [], timeout=1.0)

@@ -3,9 +3,9 @@
 Layout, for ``key_prefix`` ``P`` and a conversation whose encoded ID is ``E``::
 
     P:{E}:s          hash: last ticket issued (n); the holder's ticket, lease
-                     end and length (h, e, l); the number of waiters (w);
-                     the furthest lease end (x); each waiter's lease end and
-                     length (e<T>, l<T>)
+                     end, length and draw ID (h, e, l, o); the number of
+                     waiters (w); the furthest lease end (x); each waiter's
+                     lease end, length and draw ID (e<T>, l<T>, o<T>)
     P:{E}:q          sorted set: the waiting tickets, score = ticket number
                      (absent while nobody waits)
     P:{E}:w:<T>      list: wake-up for ticket T, pushed when T is granted

@@ -57,6 +57,7 @@ __all__ = [
     "RELEASE",
     "RENEW",
     "SWEEP",
+    "WITHDRAW",
     "LuaScript",
 ]
 
@@ -83,10 +84,13 @@ class LuaScript:
 # conversation leaves at most its counter) and ``serve`` (a live holder, or
 # the first live waiter promoted; lapsed tickets dropped).
 #
-# State hash ``s``: n = last ticket issued; h, e, l = the holder's ticket,
-# lease end and lease length; w = number of waiters (absent when none);
-# x = the furthest lease end the keys' TTL covers; e<T>, l<T> = waiter T's
-# lease end and length. Queue ``q``: the waiters only, scored by ticket.
+# State hash ``s``: n = last ticket issued; h, e, l, o = the holder's
+# ticket, lease end, lease length and draw ID; w = number of waiters (absent
+# when none); x = the furthest lease end the keys' TTL covers; e<T>, l<T>,
+# o<T> = waiter T's lease end, length and draw ID. A draw ID is the caller's
+# name for one draw, so that a ticket whose number never reached its caller
+# can still be withdrawn (WITHDRAW). Queue ``q``: the waiters only, scored
+# by ticket.
 # Keeping the holder out of the queue is what makes the uncontended acquire
 # and release touch one key with three or four calls each.
 _HEADER = """
@@ -151,7 +155,7 @@ local function serve(own)
     return st[1], ends
   end
   if st[1] then
-    redis.call('HDEL', s, 'h', 'e', 'l')
+    redis.call('HDEL', s, 'h', 'e', 'l', 'o')
   end
   while true do
     local first = redis.call('ZRANGE', q, 0, 0)[1]
@@ -160,12 +164,12 @@ local function serve(own)
       return nil, 0
     end
     redis.call('ZREM', q, first)
-    local lease = redis.call('HMGET', s, 'e' .. first, 'l' .. first)
-    redis.call('HDEL', s, 'e' .. first, 'l' .. first)
+    local lease = redis.call('HMGET', s, 'e' .. first, 'l' .. first, 'o' .. first)
+    redis.call('HDEL', s, 'e' .. first, 'l' .. first, 'o' .. first)
     local waited = tonumber(lease[1])
     if waited and waited > now then
       ends = now + tonumber(lease[2])
-      redis.call('HSET', s, 'h', first, 'e', fmt(ends), 'l', lease[2])
+      redis.call('HSET', s, 'h', first, 'e', fmt(ends), 'l', lease[2], 'o', lease[3] or '')
       cover(ends, false)
       count()
       if first ~= own then
@@ -190,7 +194,7 @@ def _script(name: str, body: str, fast: str = "") -> LuaScript:
 ISSUE = _script(
     "issue",
     """
-redis.call('HSET', s, 'n', ticket, 'e' .. ticket, ends, 'l' .. ticket, length)
+redis.call('HSET', s, 'n', ticket, 'e' .. ticket, ends, 'l' .. ticket, length, 'o' .. ticket, draw)
 redis.call('ZADD', q, ticket, ticket)
 cover(tonumber(ends), not st[3])
 local head, head_ends = serve(ticket)
@@ -202,9 +206,12 @@ return {t, head_ends - now}
 """,
     fast="""
 -- Draw a ticket; take the lock if nobody holds it or waits.
--- ARGV[1]: lease length (us). Returns the ticket (an integer) when granted,
--- else {ticket, holder's lease left (us)}: the shortest replies to parse.
+-- ARGV[1]: lease length (us); ARGV[2]: the caller's draw ID, kept with the
+-- ticket (o, o<T>) so that WITHDRAW can find a ticket whose number the
+-- caller never learnt. Returns the ticket (an integer) when granted, else
+-- {ticket, holder's lease left (us)}: the shortest replies to parse.
 local length = ARGV[1]
+local draw = ARGV[2] or ''
 local st = redis.call('HMGET', s, 'n', 'h', 'w')
 local t = now
 local last = tonumber(st[1])
@@ -215,7 +222,7 @@ local ticket = fmt(t)
 local ends = fmt(now + tonumber(length))
 if not st[2] and not st[3] then
   -- The fast path: one key, one write, one TTL.
-  redis.call('HSET', s, 'n', ticket, 'h', ticket, 'e', ends, 'l', length, 'x', ends)
+  redis.call('HSET', s, 'n', ticket, 'h', ticket, 'e', ends, 'l', length, 'o', draw, 'x', ends)
   redis.call('PEXPIRE', s, math.ceil(tonumber(length) / 1000) + MARGIN)
   return t
 end
@@ -226,12 +233,12 @@ RELEASE = _script(
     "release",
     """
 if st[1] == ticket then
-  redis.call('HDEL', s, 'h', 'e', 'l')
+  redis.call('HDEL', s, 'h', 'e', 'l', 'o')
   serve(nil)
   return 1
 end
 if redis.call('ZREM', q, ticket) == 1 then
-  redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket)
+  redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket, 'o' .. ticket)
   count()
   serve(nil)
 end
@@ -336,7 +343,7 @@ local head = serve(nil)
 if not head then
   return false
 end
-redis.call('HDEL', s, 'h', 'e', 'l')
+redis.call('HDEL', s, 'h', 'e', 'l', 'o')
 serve(nil)
 return head
 """,
@@ -354,5 +361,37 @@ return 0
 """,
 )
 
-ALL: tuple[LuaScript, ...] = (ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, SWEEP)
+WITHDRAW = _script(
+    "withdraw",
+    """
+-- Withdraw the ticket drawn with draw ID ARGV[1], holding or waiting, and
+-- serve the next: for a caller whose draw ran but whose reply was lost (it
+-- was cancelled, or timed out, while the reply was on its way). Returns the
+-- withdrawn ticket, or nil when no ticket carries that ID.
+local draw = ARGV[1]
+if draw == '' then
+  return false
+end
+local st = redis.call('HMGET', s, 'h', 'o')
+if st[1] and st[2] == draw then
+  redis.call('DEL', wake .. st[1])
+  redis.call('HDEL', s, 'h', 'e', 'l', 'o')
+  serve(nil)
+  return st[1]
+end
+for _, t in ipairs(redis.call('ZRANGE', q, 0, -1)) do
+  if redis.call('HGET', s, 'o' .. t) == draw then
+    redis.call('ZREM', q, t)
+    redis.call('HDEL', s, 'e' .. t, 'l' .. t, 'o' .. t)
+    redis.call('DEL', wake .. t)
+    count()
+    serve(nil)
+    return t
+  end
+end
+return false
+""",
+)
+
+ALL: tuple[LuaScript, ...] = (ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, SWEEP, WITHDRAW)
 """Every script, for loading them all at once (``SCRIPT LOAD``)."""

@@ -71,17 +71,20 @@ retried blindly: a script that may have run is not sent again. After
 Redis comes back, the pool reconnects on the next call.
 
 A waiter that is cancelled withdraws its ticket in a background task (so
-cancellation takes effect at once and the withdrawal still happens); the
-store's ``aclose()`` waits for those. A release that cannot reach Redis is
+cancellation takes effect at once and the withdrawal still happens), by
+number, or by draw ID when it was cancelled before the draw's reply came
+back; the store's ``aclose()`` waits for those. A release that cannot reach Redis is
 logged and counted, not raised: the work is done, and the lease lets the
 next ticket in within ``lifetime``.
 
 Trade-offs and open questions
 -----------------------------
-* An acquire whose reply is lost (timeout after the script ran) leaves an
-  orphan ticket that nobody renews: the queue behind it stalls for up to one
-  lifetime. Giving each call an idempotency token would let us retry; we
-  have not found it worth a hash field per ticket yet.
+* A draw whose reply is lost (the caller was cancelled, or timed out, after
+  the script ran) made a ticket its caller cannot name. Each draw therefore
+  carries a draw ID, kept with its ticket (a hash field per ticket), and
+  the ``withdraw`` script removes the ticket by that ID in the background.
+  If Redis cannot be reached for that either, the orphan ticket stalls the
+  queue for up to one lifetime, until its lease lapses.
 * Asynchronous replication can lose a grant in a failover (see
   ``docs/redis.md``); the fencing token is the protection.
 * Ticket numbers depend on the server clock not jumping back by more than a
@@ -92,8 +95,10 @@ Trade-offs and open questions
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -134,6 +139,7 @@ class _RedisHold(HeldLock):
 
     __slots__ = (
         "_deadline",
+        "_draw",
         "_keys",
         "_lifetime",
         "_lifetime_arg",
@@ -167,6 +173,9 @@ class _RedisHold(HeldLock):
         self._revoked = False
         self._deadline = -math.inf
         self._renew_at = math.inf
+        # Names this hold's draw in Redis, so that a ticket whose number never
+        # reached us (cancelled or timed out mid-draw) can still be withdrawn.
+        self._draw = f"{store._draw_prefix}{next(store._draw_count)}"
 
     @property
     def ticket(self) -> int:
@@ -201,7 +210,18 @@ class _RedisHold(HeldLock):
                 raise RuntimeError("a lock() context can be entered only once")
             raise LockError("the lock store is closed", conversation_id=self.conversation_id)
         sent = time.monotonic()
-        reply = await store._eval(scripts.ISSUE, self._keys, self._lifetime_arg)
+        try:
+            reply = await store._eval(scripts.ISSUE, self._keys, self._lifetime_arg, self._draw)
+        except asyncio.CancelledError:
+            # The draw may have run with its reply on the way: withdraw
+            # whatever ticket it made, or it would block the conversation
+            # for a whole lease.
+            store._withdraw_later(self._keys, 0, draw=self._draw)
+            raise
+        except LockStoreUnavailable as error:
+            if _may_have_run(error):
+                store._withdraw_later(self._keys, 0, draw=self._draw)
+            raise
         if type(reply) is int:  # granted at once: the ticket alone
             self._number = reply
             self._deadline = sent + self._lifetime
@@ -334,6 +354,8 @@ class RedisLockStore(LockStore):
         self._renewer_target = math.inf
         self._renewer_poke: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._draw_prefix = os.urandom(6).hex() + ":"
+        self._draw_count = itertools.count(1)
         # Counters for statistics(); bumped off the uncontended path.
         self._contended = 0
         self._wakeups = 0
@@ -401,6 +423,7 @@ class RedisLockStore(LockStore):
         # The last request whose reply said "not yet granted": a later grant
         # happened after it was sent, which bounds the lease from below.
         probe_sent = sent
+        reissuing = False
         try:
             while True:
                 poll = min(
@@ -421,14 +444,22 @@ class RedisLockStore(LockStore):
                 checked = time.monotonic()
                 state, holder_left_us = await self._eval(scripts.CHECK, keys, hold._number)
                 if state == 1:
-                    hold._deadline = checked + hold._lifetime
+                    # The grant may be older than this check (a release
+                    # pushed it after our BLPOP timed out): the lease began
+                    # after the last "not yet" and has holder_left_us left
+                    # as of some moment after `checked`.
+                    hold._deadline = max(
+                        probe_sent + hold._lifetime, checked + holder_left_us / _US
+                    )
                     return
                 if state == -1:
                     # Our own waiting lease ended (we could not renew it in
                     # time): we lost our place, so queue again at the back.
                     self._requeued += 1
                     checked = time.monotonic()
-                    reply = await self._eval(scripts.ISSUE, keys, hold._lifetime_arg)
+                    reissuing = True
+                    reply = await self._eval(scripts.ISSUE, keys, hold._lifetime_arg, hold._draw)
+                    reissuing = False
                     if type(reply) is int:
                         hold._number = reply
                         hold._deadline = checked + hold._lifetime
@@ -437,10 +468,10 @@ class RedisLockStore(LockStore):
                 probe_sent = checked
         except asyncio.CancelledError:
             self._cancelled += 1
-            self._withdraw_later(keys, hold._number)
+            self._withdraw_later(keys, hold._number, draw=hold._draw if reissuing else None)
             raise
         except LockStoreUnavailable:
-            self._withdraw_later(keys, hold._number)
+            self._withdraw_later(keys, hold._number, draw=hold._draw if reissuing else None)
             raise
 
     async def _give_up(self, hold: _RedisHold) -> NoReturn:
@@ -453,15 +484,24 @@ class RedisLockStore(LockStore):
             conversation_id=hold.conversation_id,
         )
 
-    def _withdraw_later(self, keys: ConversationKeys, ticket: int) -> None:
-        """Withdraw ``ticket`` in the background, out of reach of the caller's cancellation."""
+    def _withdraw_later(self, keys: ConversationKeys, ticket: int, *, draw: str | None = None) -> None:
+        """Withdraw ``ticket`` in the background, out of reach of the caller's cancellation.
+
+        With ``draw``, withdraw instead whatever ticket that draw made, for a
+        draw whose reply (the ticket's number) was lost.
+        """
 
         async def withdraw() -> None:
             try:
-                await self._eval(scripts.RELEASE, keys, ticket, 1)
+                if draw is None:
+                    await self._eval(scripts.RELEASE, keys, ticket, 1)
+                else:
+                    await self._eval(scripts.WITHDRAW, keys, draw)
             except LockStoreUnavailable as error:
                 logger.warning(
-                    "could not withdraw ticket %s (%s); it lapses when its lease ends", ticket, error
+                    "could not withdraw ticket %s (%s); it lapses when its lease ends",
+                    ticket or f"of draw {draw}",
+                    error,
                 )
 
         task = asyncio.get_running_loop().create_task(withdraw())
@@ -731,6 +771,11 @@ class RedisLockStore(LockStore):
             "unavailable_errors": self._unavailable,
             "pending_withdrawals": len(self._background),
         }
+
+
+def _may_have_run(error: LockStoreUnavailable) -> bool:
+    """Whether the call that raised ``error`` may have run on the server (its reply timed out)."""
+    return isinstance(error.__cause__, TimeoutError | RedisTimeoutError)
 
 
 def _client_socket_timeout(client: RedisClient) -> float | None:
