@@ -594,3 +594,20 @@ async def test_cancelling_during_the_draw_withdraws_the_ticket(
     async with store.lock("draw", wait_timeout=1.0) as held:
         assert held.ticket > 0
     await _until(lambda: _keys(redis_server) == [], timeout=1.0)
+
+
+async def test_connections_the_server_closed_while_idle_are_replaced(
+    store: RedisLockStore, redis_server: RedisProcess
+) -> None:
+    """Pooled connections that Redis closed (a restart, its idle ``timeout``) cost no failed call."""
+    holds = [store.lock(f"idle{i}") for i in range(3)]
+    for hold in holds:  # three connections at once in the pool
+        await hold.__aenter__()
+    for hold in holds:
+        await hold.__aexit__(None, None, None)
+    redis_server.command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    await asyncio.sleep(0.1)  # the event loop sees the connections close
+    for i in range(4):
+        async with store.lock(f"idle{i}") as held:
+            assert held.ticket > 0
+    assert store.statistics()["unavailable_errors"] == 0

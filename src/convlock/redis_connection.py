@@ -30,11 +30,12 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from .config import RedisSettings
 from .errors import ConfigError
 
-__all__ = ["RedisClient", "create_client", "describe"]
+__all__ = ["STALE_CHECK_KWARGS", "RedisClient", "create_client", "describe"]
 
 RedisClient = aioredis.Redis | RedisCluster
 """What :func:`create_client` returns: a standard (or Sentinel-managed) client, or a Cluster client."""
@@ -43,6 +44,16 @@ RedisClient = aioredis.Redis | RedisCluster
 #: would make the 101st concurrent blocking wait on one node fail, and the lock
 #: store parks each waiter on a blocking command.
 CLUSTER_MAX_CONNECTIONS_PER_NODE = 10_000
+
+
+#: redis-py 8 enables RESP3 maintenance notifications ("auto") on plain
+#: clients, and while they are on, its pool hands out a pooled connection
+#: without checking whether the server closed it (a restart, or the server's
+#: idle ``timeout``); the first call on it then fails. Default clients hide
+#: that by re-sending the command, which callers with ``retries=0`` must not
+#: do. Turning the notifications off restores the check, so the pool opens a
+#: new connection instead.
+STALE_CHECK_KWARGS: dict[str, Any] = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
 
 def _tls_kwargs(settings: RedisSettings) -> dict[str, Any]:
@@ -95,7 +106,9 @@ def create_client(settings: RedisSettings, *, retries: int = 1) -> RedisClient:
     kwargs = _common_kwargs(settings, retries)
     mode = settings.deployment_mode
     if mode == "standard":
-        return aioredis.Redis(host=settings.url, port=settings.port, db=settings.db, **kwargs)
+        return aioredis.Redis(
+            host=settings.url, port=settings.port, db=settings.db, **kwargs, **STALE_CHECK_KWARGS
+        )
     if mode == "sentinel":
         sentinel_kwargs: dict[str, Any] = {
             "socket_timeout": settings.socket_timeout,

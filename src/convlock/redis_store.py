@@ -115,7 +115,7 @@ from . import redis_scripts as scripts
 from .config import LockStoreSettings, RedisSettings
 from .errors import LockError, LockLostError, LockStoreUnavailable, LockTimeoutError
 from .ids import check_conversation_id
-from .redis_connection import RedisClient, create_client, describe
+from .redis_connection import STALE_CHECK_KWARGS, RedisClient, create_client, describe
 from .redis_keys import ConversationKeys, KeySpace
 from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds
 from .tickets import renew_interval
@@ -327,6 +327,7 @@ class RedisLockStore(LockStore):
                 socket_timeout=self._socket_timeout,
                 socket_connect_timeout=self._socket_timeout,
                 retry=Retry(NoBackoff(), 0),
+                **STALE_CHECK_KWARGS,
             )
             self._owns_client = True
             self._where = _describe_client(self._client)
