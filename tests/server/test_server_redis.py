@@ -198,3 +198,35 @@ async def test_two_workers_share_the_redis_stores(redis_server: RedisProcess, tm
             assert texts == [f"#{i + 1}: m{i}" for i in range(10)]
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.slow
+async def test_sigterm_to_a_multi_worker_server_drains_every_worker(
+    redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    """The parent relays SIGTERM; each worker finishes its messages in flight and releases its locks."""
+    server = start_server(
+        tmp_path, "--workers", "2", endpoints=endpoints(tmp_path, redis_server, lifetime=30), handler=HANDLER
+    )
+    senders = [f"d{n}" for n in range(6)]
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            in_flight = [
+                asyncio.create_task(http.post(WEBHOOK, json={"sender": sender, "message": "ctl:sleep:1.5"}))
+                for sender in senders
+            ]
+            for sender in senders:
+                await wait_until_held(http, sender)
+            server.signal(signal.SIGTERM)
+            responses = [await task for task in in_flight]
+        assert [r.status_code for r in responses] == [200] * len(senders), [r.text for r in responses]
+        assert await asyncio.to_thread(server.popen.wait, 20) == 0, server.log()
+    finally:
+        server.kill()
+    for _ in range(100):
+        if not lock_keys(redis_server):
+            break
+        await asyncio.sleep(0.05)
+    assert lock_keys(redis_server) == [], server.log()
+    for sender in senders:
+        assert redis_server.command("HGET", f"convlock:tracker:{{{sender}}}", "n") == "2"
