@@ -54,6 +54,15 @@ class LockLostError(LockError):
     downstream store refuse such stale writes.
     """
 
+    @classmethod
+    def for_ticket(cls, conversation_id: str, ticket: int, lifetime: float) -> LockLostError:
+        """The error every store raises from ``held.ensure()``, worded alike."""
+        return cls(
+            f"lock on conversation {conversation_id!r} was lost: ticket {ticket} was "
+            f"revoked or its {lifetime:g}s lease lapsed",
+            conversation_id=conversation_id,
+        )
+
 
 class LockStoreUnavailable(LockError, ConnectionError):
     """The lock store's backend could not be reached or answered with an error.

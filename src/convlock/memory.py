@@ -32,9 +32,9 @@ from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from .errors import LockError, LockLostError, LockTimeoutError
+from .errors import LockLostError, LockTimeoutError
 from .ids import MAX_CONVERSATION_ID_BYTES, check_conversation_id
-from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds
+from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
 from .tickets import INF, Terms, Ticket, TicketBook
 
 __all__ = ["InMemoryLockStore"]
@@ -67,16 +67,12 @@ class _Hold(Ticket, HeldLock):
 
     async def ensure(self) -> None:
         if self.lost:
-            raise LockLostError(
-                f"lock on conversation {self.conversation_id!r} was lost: ticket "
-                f"{self.number} was revoked or its {self.terms.lifetime:g}s lease lapsed",
-                conversation_id=self.conversation_id,
-            )
+            raise LockLostError.for_ticket(self.conversation_id, self.number, self.terms.lifetime)
 
     async def __aenter__(self) -> _Hold:
         store = self._store
         if self.number or store._closed:
-            raise self._refusal()
+            raise entry_refusal(self.conversation_id, entered=bool(self.number))
         cid = self.conversation_id
         book = store._book
         if self.terms.renew and cid not in book.heads:
@@ -103,11 +99,6 @@ class _Hold(Ticket, HeldLock):
             granted = store._book.release(cid, self)
             if granted is not None:
                 store._grant(cid, granted)
-
-    def _refusal(self) -> Exception:
-        if self.number:
-            return RuntimeError("a lock() context can be entered only once")
-        return LockError("the lock store is closed", conversation_id=self.conversation_id)
 
 
 _new_hold = object.__new__

@@ -113,11 +113,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import redis_scripts as scripts
 from .config import LockStoreSettings, RedisSettings
-from .errors import LockError, LockLostError, LockStoreUnavailable, LockTimeoutError
+from .errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from .ids import check_conversation_id
 from .redis_connection import STALE_CHECK_KWARGS, RedisClient, create_client, describe
 from .redis_keys import ConversationKeys, KeySpace
-from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds
+from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
 from .tickets import renew_interval
 
 __all__ = ["RedisLockStore"]
@@ -197,18 +197,12 @@ class _RedisHold(HeldLock):
                 return
             self._revoked = True
             self._store._lost += 1
-        raise LockLostError(
-            f"lock on conversation {self.conversation_id!r} was lost: ticket {self._number} was "
-            f"revoked or its {self._lifetime:g}s lease lapsed",
-            conversation_id=self.conversation_id,
-        )
+        raise LockLostError.for_ticket(self.conversation_id, self._number, self._lifetime)
 
     async def __aenter__(self) -> _RedisHold:
         store = self._store
         if self._number or store._closed:
-            if self._number:
-                raise RuntimeError("a lock() context can be entered only once")
-            raise LockError("the lock store is closed", conversation_id=self.conversation_id)
+            raise entry_refusal(self.conversation_id, entered=bool(self._number))
         sent = time.monotonic()
         try:
             reply = await store._eval(scripts.ISSUE, self._keys, self._lifetime_arg, self._draw)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from .errors import ConfigError
+from .errors import ConfigError, LockError
 
 __all__ = [
     "DEFAULT_LIFETIME",
@@ -31,6 +31,7 @@ __all__ = [
     "LockStore",
     "TicketLease",
     "default_lifetime",
+    "entry_refusal",
 ]
 
 DEFAULT_LIFETIME = 60.0
@@ -70,6 +71,13 @@ def check_seconds(name: str, value: float | None, *, allow_none: bool = True) ->
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
     return float(value)
+
+
+def entry_refusal(conversation_id: str, *, entered: bool) -> Exception:
+    """Why a ``lock()`` context may not be entered: used again, or its store is closed."""
+    if entered:
+        return RuntimeError("a lock() context can be entered only once")
+    return LockError("the lock store is closed", conversation_id=conversation_id)
 
 
 @dataclass(frozen=True, slots=True)
