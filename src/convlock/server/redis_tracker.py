@@ -36,7 +36,14 @@ from redis.exceptions import RedisError
 from ..config import RedisSettings
 from ..ids import check_conversation_id
 from ..redis_keys import encode_id
-from .tracker import StaleTicketError, TrackerRecord, TrackerStore, TrackerStoreUnavailable, dumps
+from .tracker import (
+    StaleTicketError,
+    TrackerRecord,
+    TrackerStore,
+    TrackerStoreUnavailable,
+    check_ticket,
+    dumps,
+)
 
 __all__ = ["RedisTrackerStore"]
 
@@ -129,8 +136,7 @@ class RedisTrackerStore(TrackerStore):
                 for name, value in dict(raw).items():
                     flat += [name, value]
             else:
-                if isinstance(ticket, bool) or not isinstance(ticket, int) or ticket < 1:
-                    raise ValueError(f"ticket must be a positive int, got {ticket!r}")
+                check_ticket(ticket)
                 reply = await self._load_script(keys=[key], args=[ticket, self._ttl_ms])
                 if int(reply[0]) == 0:
                     self._stale += 1
@@ -166,8 +172,7 @@ class RedisTrackerStore(TrackerStore):
         state: Mapping[str, Any],
     ) -> TrackerRecord:
         check_conversation_id(conversation_id)
-        if isinstance(ticket, bool) or not isinstance(ticket, int) or ticket < 1:
-            raise ValueError(f"ticket must be a positive int, got {ticket!r}")
+        check_ticket(ticket)
         args: list[Any] = [ticket, self._ttl_ms, dumps(dict(state))]
         args += [dumps(dict(event)) for event in new_events]
         try:

@@ -83,7 +83,8 @@ class TrackerRecord:
         }
 
 
-def _check_ticket(ticket: int) -> int:
+def check_ticket(ticket: int) -> int:
+    """Return ``ticket`` if it can be a fencing token (a positive int), else raise ValueError."""
     if isinstance(ticket, bool) or not isinstance(ticket, int) or ticket < 1:
         raise ValueError(f"ticket must be a positive int (a lock's fencing token), got {ticket!r}")
     return ticket
@@ -172,7 +173,7 @@ class InMemoryTrackerStore(TrackerStore):
     async def load(self, conversation_id: str, *, ticket: int | None = None) -> TrackerRecord:
         stored = self._records.get(conversation_id)
         if ticket is not None:
-            _check_ticket(ticket)
+            check_ticket(ticket)
             if stored is None:
                 stored = self._records[conversation_id] = _Stored()
             if ticket < stored.fence:
@@ -196,7 +197,7 @@ class InMemoryTrackerStore(TrackerStore):
         new_events: Sequence[Mapping[str, Any]],
         state: Mapping[str, Any],
     ) -> TrackerRecord:
-        _check_ticket(ticket)
+        check_ticket(ticket)
         # Serialize first: a value that is not JSON must fail before any write.
         encoded_events = [dumps(dict(event)) for event in new_events]
         encoded_state = dumps(dict(state))
