@@ -127,3 +127,15 @@ def test_encoding_round_trips(cid: str) -> None:
 def test_encoding_is_injective(a: str, b: str) -> None:
     if a != b:
         assert encode_id(a) != encode_id(b)
+
+
+def test_fast_scan_agrees_with_the_safe_byte_set() -> None:
+    """encode_id's regex shortcut must pass exactly the characters it would not escape."""
+    from convlock.redis_keys import _NEEDS_ESCAPE, _SAFE
+
+    for code in range(0x3000):
+        if 0xD800 <= code < 0xE000:
+            continue
+        char = chr(code)
+        assert (_NEEDS_ESCAPE.search(char) is None) == (code in _SAFE), hex(code)
+        assert (encode_id(char) == char) == (code in _SAFE), hex(code)
