@@ -30,6 +30,15 @@ def lock_keys(redis: RedisProcess) -> list[str]:
     return [key for key in redis.command("KEYS", "*") if not key.startswith("convlock:tracker:")]
 
 
+async def assert_lock_keys_drain(redis: RedisProcess, log: str = "") -> None:
+    """Wait up to 5 s for the lock store's keys to go (a counter may outlive a release briefly)."""
+    for _ in range(100):
+        if not lock_keys(redis):
+            return
+        await asyncio.sleep(0.05)
+    assert lock_keys(redis) == [], log
+
+
 async def wait_until_held(http: httpx.AsyncClient, sender: str, base: str = "") -> dict[str, Any]:
     for _ in range(500):
         serving: dict[str, Any] | None = (await http.get(f"{base}/locks/{sender}")).json()["serving"]
@@ -61,11 +70,7 @@ async def test_sigterm_finishes_messages_in_flight_and_leaves_no_lock_keys(
         server.kill()
     # The lock store may keep a conversation's ticket counter until the
     # Redis clock passes it (for fencing); it must be gone soon after.
-    for _ in range(100):
-        if not lock_keys(redis_server):
-            break
-        await asyncio.sleep(0.05)
-    assert lock_keys(redis_server) == []
+    await assert_lock_keys_drain(redis_server)
     stored = redis_server.command("HGET", "convlock:tracker:{s}", "n")
     assert stored == "2", "the in-flight message and its response were saved before exit"
 
@@ -102,11 +107,7 @@ async def test_messages_cancelled_past_the_shutdown_timeout_release_their_locks(
                 assert cut_off.json()["error"] == "shutting_down"
     finally:
         server.kill()
-    for _ in range(100):
-        if not lock_keys(redis_server):
-            break
-        await asyncio.sleep(0.05)
-    assert lock_keys(redis_server) == [], server.log()
+    await assert_lock_keys_drain(redis_server, server.log())
     for sender in senders:  # nothing of the cancelled messages was saved
         assert redis_server.command("HGET", f"convlock:tracker:{{{sender}}}", "n") is None
     assert "could not release" not in server.log()
@@ -223,10 +224,6 @@ async def test_sigterm_to_a_multi_worker_server_drains_every_worker(
         assert await asyncio.to_thread(server.popen.wait, 20) == 0, server.log()
     finally:
         server.kill()
-    for _ in range(100):
-        if not lock_keys(redis_server):
-            break
-        await asyncio.sleep(0.05)
-    assert lock_keys(redis_server) == [], server.log()
+    await assert_lock_keys_drain(redis_server, server.log())
     for sender in senders:
         assert redis_server.command("HGET", f"convlock:tracker:{{{sender}}}", "n") == "2"
