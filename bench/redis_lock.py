@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import redis_procs  # noqa: E402  (lives in tests/, found through the path above)
-from convlock.redis_store import RedisLockStore  # noqa: E402
+from convlock.redis import RedisLockStore  # noqa: E402
 
 CYCLES_PER_BLOCK = 50
 HOLD_SECONDS = 0.001

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from convlock.redis_store import RedisLockStore
+from convlock.redis import RedisLockStore
 
 
 async def run(config: dict[str, Any]) -> list[list[Any]]:

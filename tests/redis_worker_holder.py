@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from convlock.redis_store import RedisLockStore
+from convlock.redis import RedisLockStore
 
 
 async def run(url: str, prefix: str, conversation_id: str, lifetime: float) -> None:

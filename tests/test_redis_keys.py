@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from convlock.redis_keys import KeySpace, decode_id, encode_id
+from convlock.redis.keys import KeySpace, decode_id, encode_id
 
 HOSTILE = [
     "a:b",
@@ -131,7 +131,7 @@ def test_encoding_is_injective(a: str, b: str) -> None:
 
 def test_fast_scan_agrees_with_the_safe_byte_set() -> None:
     """encode_id's regex shortcut must pass exactly the characters it would not escape."""
-    from convlock.redis_keys import _NEEDS_ESCAPE, _SAFE
+    from convlock.redis.keys import _NEEDS_ESCAPE, _SAFE
 
     for code in range(0x3000):
         if 0xD800 <= code < 0xE000:

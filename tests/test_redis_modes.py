@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from convlock import LockStoreSettings, LockStoreUnavailable
-from convlock.redis_store import RedisLockStore
+from convlock.redis import RedisLockStore
 from redis_procs import ClusterSetup, RedisProcess, SentinelSetup
 
 

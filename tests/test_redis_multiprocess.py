@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from convlock.redis_store import RedisLockStore
+from convlock.redis import RedisLockStore
 from redis_procs import RedisProcess
 
 HERE = Path(__file__).resolve().parent

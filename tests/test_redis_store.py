@@ -21,9 +21,8 @@ from convlock import (
     RedisSettings,
     create_lock_store,
 )
-from convlock import redis_scripts as scripts
-from convlock.redis_keys import KeySpace
-from convlock.redis_store import RedisLockStore
+from convlock.redis import RedisLockStore, scripts
+from convlock.redis.keys import KeySpace
 from redis_procs import RedisProcess
 
 PREFIX = "t"

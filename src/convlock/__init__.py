@@ -20,7 +20,7 @@ from .memory import InMemoryLockStore
 from .store import HeldLock, LockSnapshot, LockStore, TicketLease
 
 if TYPE_CHECKING:
-    from .redis_store import RedisLockStore
+    from .redis import RedisLockStore
 
 __all__ = [
     "ConfigError",
@@ -47,7 +47,7 @@ def __getattr__(name: str) -> Any:
     # RedisLockStore is imported on first use, so that programs using only the
     # in-memory store do not pay for importing the redis client.
     if name == "RedisLockStore":
-        from .redis_store import RedisLockStore
+        from .redis import RedisLockStore
 
         return RedisLockStore
     raise AttributeError(f"module 'convlock' has no attribute {name!r}")

@@ -91,7 +91,7 @@ def _in_memory_lock_store(settings: LockStoreSettings) -> LockStore:
 
 
 def _redis_lock_store(settings: LockStoreSettings) -> LockStore:
-    from .redis_store import RedisLockStore  # imported late: redis is heavy
+    from .redis import RedisLockStore  # imported late: redis is heavy
 
     return RedisLockStore.from_settings(settings)
 

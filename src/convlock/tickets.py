@@ -13,7 +13,7 @@ This module does no I/O and never sleeps; time enters only through the
 ``clock`` the book is given, so tests can drive it with a fake clock and a
 hypothesis state machine can compare it with a naive model. The in-memory
 store wraps a book with futures and timers; the Redis store implements the
-same rules in Lua (see ``redis_scripts``) because there the state must
+same rules in Lua (see ``convlock.redis.scripts``) because there the state must
 change atomically on the server.
 
 Leases

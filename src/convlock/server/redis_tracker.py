@@ -2,7 +2,7 @@
 
 Layout: one hash per conversation, ``<key_prefix>:tracker:{<E>}``, where ``E``
 is the conversation ID encoded as the lock store encodes it
-(:func:`convlock.redis_keys.encode_id`: injective, brace-free),
+(:func:`convlock.redis.keys.encode_id`: injective, brace-free),
 holding ``fence``, ``ticket``, ``state`` (JSON), ``n`` (event count) and one
 field ``e:<i>`` per event (JSON). The ``tracker`` segment keeps these keys
 apart from the lock store's. One key per conversation means every script
@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from ..config import RedisSettings
 from ..ids import check_conversation_id
-from ..redis_keys import encode_id
+from ..redis.keys import encode_id
 from .tracker import (
     StaleTicketError,
     TrackerRecord,
@@ -111,7 +111,7 @@ class RedisTrackerStore(TrackerStore):
         cls, settings: RedisSettings, *, expire_after: float | None = None
     ) -> RedisTrackerStore:
         """Build the store from the ``tracker_store:`` block's connection keys."""
-        from ..redis_connection import create_client, describe
+        from ..redis.connection import create_client, describe
 
         # retries=0: a save is not idempotent (it appends), so it is never re-sent.
         client = create_client(settings, retries=0)

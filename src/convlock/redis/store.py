@@ -3,8 +3,8 @@
 Design
 ------
 Each conversation's state lives in a Redis hash, plus a sorted set of
-waiting tickets while anyone waits (layout in :mod:`convlock.redis_keys`),
-and every change to it is one Lua script (:mod:`convlock.redis_scripts`)
+waiting tickets while anyone waits (layout in :mod:`convlock.redis.keys`),
+and every change to it is one Lua script (:mod:`convlock.redis.scripts`)
 run with ``EVALSHA``. A script is atomic and costs one round trip, so:
 
 * an uncontended acquire is one ``EVALSHA`` (draw a ticket; it is granted at
@@ -111,14 +111,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import redis_scripts as scripts
-from .config import LockStoreSettings, RedisSettings
-from .errors import LockLostError, LockStoreUnavailable, LockTimeoutError
-from .ids import check_conversation_id
-from .redis_connection import STALE_CHECK_KWARGS, RedisClient, create_client, describe
-from .redis_keys import ConversationKeys, KeySpace
-from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
-from .tickets import renew_interval
+from ..config import LockStoreSettings, RedisSettings
+from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
+from ..ids import check_conversation_id
+from ..store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
+from ..tickets import renew_interval
+from . import scripts
+from .connection import STALE_CHECK_KWARGS, RedisClient, create_client, describe
+from .keys import ConversationKeys, KeySpace
 
 __all__ = ["RedisLockStore"]
 

@@ -29,7 +29,7 @@ The scripts mirror :mod:`convlock.tickets`:
 * No leaks: both keys of a conversation expire a margin after the furthest
   lease (``x``), and are deleted outright when the queue empties.
 
-Keys (see :mod:`convlock.redis_keys`): ``KEYS[1]`` is the state hash
+Keys (see :mod:`convlock.redis.keys`): ``KEYS[1]`` is the state hash
 ``P:{E}:s``; the queue ``P:{E}:q`` and the wake-up lists ``P:{E}:w:<T>`` are
 named from it inside the script. They are not declared because a wake-up
 list's name depends on the ticket granted, which only the script knows, and

@@ -32,8 +32,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from .config import RedisSettings
-from .errors import ConfigError
+from ..config import RedisSettings
+from ..errors import ConfigError
 
 __all__ = ["STALE_CHECK_KWARGS", "RedisClient", "create_client", "describe"]
 
