@@ -34,29 +34,38 @@ def _keys(nodes: Iterable[RedisProcess], prefix: str) -> list[str]:
 
 
 async def _exercise(store: RedisLockStore, conversation_ids: list[str]) -> None:
-    """Hold, contend, hand off and inspect on every conversation; check FIFO and fencing."""
-    for cid in conversation_ids:
-        order: list[int] = []
-        async with store.lock(cid) as held:
-            first = held.ticket
+    """Hold, contend, hand off and inspect on every conversation; check FIFO and fencing.
 
-            async def waiter(cid: str = cid, order: list[int] = order) -> None:
-                async with store.lock(cid) as later:
-                    order.append(later.ticket)
+    The waiters use a second store on the same client, which the scripts
+    see as another process, so each hand-off crosses "processes" through a
+    Redis wake-up (a hand-off inside one store needs none).
+    """
+    other = RedisLockStore(store.client, key_prefix=store.key_prefix, lifetime=store.lifetime)
+    try:
+        for cid in conversation_ids:
+            order: list[int] = []
+            async with store.lock(cid) as held:
+                first = held.ticket
 
-            tasks = [asyncio.create_task(waiter())]
-            await _until_waiting(store, cid, 1)
-            tasks.append(asyncio.create_task(waiter()))
-            await _until_waiting(store, cid, 2)
-            snapshot = await store.inspect(cid)
-            assert snapshot is not None
-            assert snapshot.serving is not None
-            assert snapshot.serving.ticket == first
-        await asyncio.wait_for(asyncio.gather(*tasks), 5)
-        assert order == sorted(order)
-        assert order[0] > first
-        assert await store.inspect(cid) is None
-    assert store.statistics()["wakeups"] >= len(conversation_ids)
+                async def waiter(cid: str = cid, order: list[int] = order) -> None:
+                    async with other.lock(cid) as later:
+                        order.append(later.ticket)
+
+                tasks = [asyncio.create_task(waiter())]
+                await _until_waiting(store, cid, 1)
+                tasks.append(asyncio.create_task(waiter()))
+                await _until_waiting(store, cid, 2)
+                snapshot = await store.inspect(cid)
+                assert snapshot is not None
+                assert snapshot.serving is not None
+                assert snapshot.serving.ticket == first
+            await asyncio.wait_for(asyncio.gather(*tasks), 5)
+            assert order == sorted(order)
+            assert order[0] > first
+            assert await store.inspect(cid) is None
+        assert other.statistics()["wakeups"] >= len(conversation_ids)
+    finally:
+        await other.aclose()
 
 
 async def _until_waiting(store: RedisLockStore, cid: str, n: int) -> None:

@@ -158,6 +158,9 @@ class RedisSettings(_Settings):
     ssl_ca_certs: OptionalText = None
     key_prefix: str = Field(default="convlock", min_length=1, max_length=256)
     socket_timeout: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    #: Connections one store opens to one Redis server, at most, whatever the
+    #: number of waiting calls (see convlock.redis.commands and .wakeups).
+    max_connections: int = Field(default=50, ge=2, le=10_000)
     deployment_mode: Literal["standard", "sentinel", "cluster"] = "standard"
     endpoints: list[str] = Field(default_factory=list)
     sentinel_service: str = Field(default="mymaster", min_length=1)

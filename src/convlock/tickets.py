@@ -54,7 +54,16 @@ __all__ = [
     "REVOKED",
     "Terms",
     "Ticket",
-    "TicketBook", "may_forget", "next_fencing_token", "renew_interval"]
+    "MAX_LIFETIME",
+    "MIN_LIFETIME",
+    "RECHECK_MARGIN",
+    "TicketBook",
+    "check_lifetime",
+    "may_forget",
+    "next_fencing_token",
+    "next_look",
+    "renew_interval",
+]
 
 INF = math.inf
 
@@ -278,3 +287,51 @@ def renew_interval(lifetime: float) -> float:
     lapses, so one slow or lost renewal does not cost the lock.
     """
     return lifetime / 3.0
+
+
+#: The lease lengths a Redis store accepts, in seconds. Shorter leases could
+#: lapse before the reply that grants them arrives; longer ones overflow the
+#: integer milliseconds Redis takes for a TTL and hide a dead holder for
+#: longer than anyone would wait. See docs/redis.md.
+MIN_LIFETIME = 0.01
+MAX_LIFETIME = 30 * 24 * 3600.0
+
+
+def check_lifetime(value: float) -> float:
+    """Return ``value`` if it is a lease length within the bounds, else raise ``ValueError`` naming them."""
+    if not MIN_LIFETIME <= value <= MAX_LIFETIME:
+        raise ValueError(
+            f"lifetime must be from {MIN_LIFETIME:g} s (10 ms) to {MAX_LIFETIME:g} s (30 days), "
+            f"got {value!r}"
+        )
+    return value
+
+
+#: A waiter re-checks this long after the holder's lease should have ended,
+#: so that its check runs after the server's clock passed that end.
+RECHECK_MARGIN = 0.002
+
+
+def next_look(
+    now: float,
+    *,
+    holder_ends: float,
+    deadline: float | None,
+    poll: float | None,
+) -> float:
+    """When a waiter should next act on its own, on its monotonic clock.
+
+    ``holder_ends`` is when the holder's lease ends at the latest, as seen
+    from this waiter (``inf`` when a holder in this process will hand over
+    itself); ``deadline`` is its ``wait_timeout`` (None: none); ``poll`` is a
+    fallback period when nothing would wake it (None: none). Wake-ups and
+    lease keep-alives come from elsewhere; this only bounds the wait so that
+    a dead holder is noticed ``RECHECK_MARGIN`` after its lease and a
+    deadline is kept to the moment.
+    """
+    target = holder_ends + RECHECK_MARGIN
+    if deadline is not None and deadline < target:
+        target = deadline
+    if poll is not None and now + poll < target:
+        target = now + poll
+    return target

@@ -40,10 +40,6 @@ __all__ = ["STALE_CHECK_KWARGS", "RedisClient", "create_client", "describe"]
 RedisClient = aioredis.Redis | RedisCluster
 """What :func:`create_client` returns: a standard (or Sentinel-managed) client, or a Cluster client."""
 
-#: A Cluster client keeps a separate pool per node; redis-py's default of 100
-#: would make the 101st concurrent blocking wait on one node fail, and the lock
-#: store parks each waiter on a blocking command.
-CLUSTER_MAX_CONNECTIONS_PER_NODE = 10_000
 
 
 #: redis-py 8 enables RESP3 maintenance notifications ("auto") on plain
@@ -79,6 +75,10 @@ def _common_kwargs(settings: RedisSettings, retries: int) -> dict[str, Any]:
         "socket_connect_timeout": settings.socket_timeout,
         "retry": Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
         "decode_responses": False,
+        # A ceiling per pool (per node in a Cluster). The lock store keeps its
+        # own use below it with budgets (convlock.redis.commands), so it
+        # waits for a connection rather than hitting this ceiling.
+        "max_connections": settings.max_connections,
     }
     kwargs.update(_tls_kwargs(settings))
     return kwargs
@@ -130,7 +130,6 @@ def create_client(settings: RedisSettings, *, retries: int = 1) -> RedisClient:
         nodes = [ClusterNode(host, port) for host, port in settings.addresses()]
         return RedisCluster(
             startup_nodes=nodes,
-            max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
             **kwargs,
         )
     raise ConfigError(  # pragma: no cover - the settings model allows only the three modes

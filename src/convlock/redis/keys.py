@@ -97,6 +97,12 @@ class ConversationKeys:
         """The wake-up list of ``ticket``."""
         return f"{self.wake_prefix}{ticket}"
 
+    @property
+    def tag(self) -> str:
+        """The Cluster hash tag (the text between the braces) that every key here shares."""
+        start = self.state.index("{") + 1
+        return self.state[start : self.state.index("}", start)]
+
 
 class KeySpace:
     """Maps conversation IDs to keys under one ``key_prefix``, and back.

@@ -50,10 +50,13 @@ from dataclasses import dataclass, field
 __all__ = [
     "ALL",
     "CHECK",
+    "DOORBELL",
     "FORCE_RELEASE",
     "INSPECT",
     "ISSUE",
     "KEY_TTL_MARGIN_MS",
+    "MAX_LEASE_US",
+    "MIN_LEASE_US",
     "RELEASE",
     "RENEW",
     "SWEEP",
@@ -116,7 +119,7 @@ local function cover(ends, force)
   elseif not force then
     return
   end
-  local ms = math.ceil((x - now) / 1000) + MARGIN
+  local ms = fmt(math.ceil((x - now) / 1000) + MARGIN)
   redis.call('PEXPIRE', s, ms)
   redis.call('PEXPIRE', q, ms)
 end
@@ -138,21 +141,50 @@ local function forget(n)
   redis.call('DEL', s)
   if n >= now then
     redis.call('HSET', s, 'n', fmt(n))
-    redis.call('PEXPIRE', s, math.floor((n - now) / 1000) + 2)
+    redis.call('PEXPIRE', s, fmt(math.floor((n - now) / 1000) + 2))
   end
+end
+
+-- Push one wake-up message on ticket t's own list, which only t's waiter
+-- reads: 'g' (granted) or 'r<us>' (the holder changed; its lease ends in
+-- <us> microseconds: plan the next look by it).
+local function push(t, message, ttl_us)
+  local w = wake .. t
+  redis.call('RPUSH', w, message)
+  redis.call('PEXPIRE', w, fmt(math.ceil(ttl_us / 1000) + MARGIN))
+end
+
+-- Whether draw ID `o` belongs to the calling store (`tag`, its random
+-- draw-ID prefix): that store hands off to its own waiters in-process, so
+-- no push is needed, and its owner is known to be alive.
+local function mine(o, tag)
+  return tag ~= '' and o and string.sub(o, 1, #tag) == tag
+end
+
+-- The tag of the store that drew a ticket: its draw ID up to the first ':'.
+local function owner(o)
+  return o and string.match(o, '^[^:]*:') or ''
 end
 
 -- Return the holder and its lease end, promoting the first live waiter if
 -- the holder is gone or its lease ended (nil when nobody is left). Lapsed
 -- tickets (owners that stopped renewing: crashed, hung, or renew=False
--- past its lifetime) are dropped, so they cannot block the queue. A
--- promoted ticket's lease restarts now for its full length, and its owner
--- is woken by a push on its own list, unless it is `own` (the caller).
-local function serve(own)
+-- past its lifetime) are dropped, so they cannot block the queue.
+--
+-- A promoted ticket whose owner is known alive (`own`, the caller, or a
+-- ticket of the caller's store, `tag`) gets a fresh lease of its full
+-- length. Any other keeps the end of its waiting lease, which its live
+-- waiter renews every lifetime/3 and its woken owner renews in full: so a
+-- waiter that died is never handed a fresh lease, and blocks the queue
+-- only until its waiting lease lapses. A promoted ticket is pushed 'g',
+-- unless it is own or tag's; the ticket now first in the queue is pushed
+-- 'r' so that its waiter re-plans its timer by the new holder's lease.
+-- Returns holder, lease end, and the promoted ticket (nil if none).
+local function serve(own, tag)
   local st = redis.call('HMGET', s, 'h', 'e')
   local ends = tonumber(st[2])
   if st[1] and ends > now then
-    return st[1], ends
+    return st[1], ends, nil
   end
   if st[1] then
     redis.call('HDEL', s, 'h', 'e', 'l', 'o')
@@ -161,23 +193,37 @@ local function serve(own)
     local first = redis.call('ZRANGE', q, 0, 0)[1]
     if not first then
       forget(nil)
-      return nil, 0
+      return nil, 0, nil
     end
     redis.call('ZREM', q, first)
     local lease = redis.call('HMGET', s, 'e' .. first, 'l' .. first, 'o' .. first)
     redis.call('HDEL', s, 'e' .. first, 'l' .. first, 'o' .. first)
     local waited = tonumber(lease[1])
     if waited and waited > now then
-      ends = now + tonumber(lease[2])
+      local alive = first == own or mine(lease[3], tag)
+      if alive then
+        ends = now + tonumber(lease[2])
+      else
+        ends = waited
+      end
       redis.call('HSET', s, 'h', first, 'e', fmt(ends), 'l', lease[2], 'o', lease[3] or '')
       cover(ends, false)
       count()
-      if first ~= own then
-        local w = wake .. first
-        redis.call('RPUSH', w, '1')
-        redis.call('PEXPIRE', w, math.ceil(tonumber(lease[2]) / 1000) + MARGIN)
+      -- Whatever its list still holds (a re-plan notice) is stale now.
+      redis.call('DEL', wake .. first)
+      if not alive then
+        push(first, 'g', tonumber(lease[2]))
       end
-      return first, ends
+      -- The next in line re-plans by the new holder's lease, unless the
+      -- caller's store or the new holder's own store will tell it.
+      local second = redis.call('ZRANGE', q, 0, 0)[1]
+      if second then
+        local o2 = redis.call('HGET', s, 'o' .. second)
+        if not mine(o2, tag) and not mine(o2, owner(lease[3])) then
+          push(second, 'r' .. fmt(ends - now), ends - now)
+        end
+      end
+      return first, ends, first
     end
     redis.call('DEL', wake .. first)
   end
@@ -191,13 +237,20 @@ def _script(name: str, body: str, fast: str = "") -> LuaScript:
     return LuaScript(name, f"-- convlock: {name}\n{_HEADER}\n{fast.strip()}\n{_PRELUDE}\n{body.strip()}\n")
 
 
+#: Bounds on a lease length, in microseconds, checked in the scripts before
+#: any write (the store refuses other lifetimes first, with a clearer error):
+#: a longer lease would overflow the integers Redis takes for PEXPIRE, a
+#: shorter one could lapse before its reply reaches the caller.
+MIN_LEASE_US = 10_000
+MAX_LEASE_US = 30 * 24 * 3600 * 1_000_000
+
 ISSUE = _script(
     "issue",
     """
 redis.call('HSET', s, 'n', ticket, 'e' .. ticket, ends, 'l' .. ticket, length, 'o' .. ticket, draw)
 redis.call('ZADD', q, ticket, ticket)
 cover(tonumber(ends), not st[3])
-local head, head_ends = serve(ticket)
+local head, head_ends = serve(ticket, '')
 count()
 if head == ticket then
   return t
@@ -211,6 +264,11 @@ return {t, head_ends - now}
 -- caller never learnt. Returns the ticket (an integer) when granted, else
 -- {ticket, holder's lease left (us)}: the shortest replies to parse.
 local length = ARGV[1]
+local span = tonumber(length)
+if not span or span % 1 ~= 0 or span < MIN_LEASE or span > MAX_LEASE then
+  -- Refused before any write: no key is ever left without a TTL.
+  return redis.error_reply('ERR convlock: lease length must be an integer from MIN_LEASE to MAX_LEASE us')
+end
 local draw = ARGV[2] or ''
 local st = redis.call('HMGET', s, 'n', 'h', 'w')
 local t = now
@@ -219,37 +277,62 @@ if last and last + 1 > t then
   t = last + 1  -- tickets.next_fencing_token: max(last + 1, now)
 end
 local ticket = fmt(t)
-local ends = fmt(now + tonumber(length))
+local ends = fmt(now + span)
 if not st[2] and not st[3] then
   -- The fast path: one key, one write, one TTL.
   redis.call('HSET', s, 'n', ticket, 'h', ticket, 'e', ends, 'l', length, 'o', draw, 'x', ends)
-  redis.call('PEXPIRE', s, math.ceil(tonumber(length) / 1000) + MARGIN)
+  redis.call('PEXPIRE', s, fmt(math.ceil(span / 1000) + MARGIN))
   return t
 end
-""".replace("MARGIN", str(KEY_TTL_MARGIN_MS)),
+""".replace("MARGIN", str(KEY_TTL_MARGIN_MS))
+    .replace("MIN_LEASE", str(MIN_LEASE_US))
+    .replace("MAX_LEASE", str(MAX_LEASE_US)),
 )
+
+# The reply of a script that may hand the lock on (RELEASE, WITHDRAW,
+# FORCE_RELEASE) when it did not take its fast path: {result, handed, holder,
+# holder's lease left (us)}. `handed` is the ticket promoted if it is the
+# caller's own (its tag), which was not pushed, so the caller must hand it
+# over in-process; else 0. `holder` is whoever holds now (0: nobody), so the
+# caller's other waiters can re-plan their timers by its lease.
+_HANDOFF_REPLY = """
+local function handoff(result, tag)
+  local head, head_ends, promoted = serve(nil, tag)
+  local handed = 0
+  if promoted and head == promoted and mine(redis.call('HGET', s, 'o'), tag) then
+    handed = promoted
+  end
+  if not head then
+    return {result, 0, 0, 0}
+  end
+  return {result, handed, head, head_ends - now}
+end
+"""
 
 RELEASE = _script(
     "release",
-    """
+    _HANDOFF_REPLY
+    + """
 if st[1] == ticket then
   redis.call('HDEL', s, 'h', 'e', 'l', 'o')
-  serve(nil)
-  return 1
+  return handoff(1, tag)
 end
 if redis.call('ZREM', q, ticket) == 1 then
   redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket, 'o' .. ticket)
   count()
-  serve(nil)
 end
-return 0
+return handoff(0, tag)
 """,
     fast="""
 -- End a hold, or withdraw a waiting ticket (ARGV[2] = '1': also clear its
 -- wake-up list, which a grant may have filled just as its owner gave up),
 -- and serve the next ticket. A ticket already revoked changes nothing.
--- ARGV[1]: ticket. Returns 1 if the ticket was the holder, else 0.
+-- ARGV[1]: ticket; ARGV[3]: the caller's tag (draw-ID prefix), whose
+-- tickets it hands over itself. Returns 1 when the ticket held and nobody
+-- waits, else the hand-off reply (see _HANDOFF_REPLY) whose result is 1 if
+-- the ticket was the holder, else 0.
 local ticket = ARGV[1]
+local tag = ARGV[3] or ''
 if ARGV[2] == '1' then
   redis.call('DEL', wake .. ticket)
 end
@@ -261,7 +344,7 @@ if st[1] == ticket and not st[2] then
   redis.call('DEL', s)
   if n >= now then
     redis.call('HSET', s, 'n', st[3])
-    redis.call('PEXPIRE', s, math.floor((n - now) / 1000) + 2)
+    redis.call('PEXPIRE', s, fmt(math.floor((n - now) / 1000) + 2))
   end
   return 1
 end
@@ -276,7 +359,7 @@ CHECK = _script(
 -- ARGV[1]: ticket. Returns {state, holder's lease left (us)} where state is
 -- 1 granted, 0 still waiting (lease renewed), -1 gone (it lapsed).
 local ticket = ARGV[1]
-local head, head_ends = serve(ticket)
+local head, head_ends = serve(ticket, '')
 if head == ticket then
   redis.call('DEL', wake .. ticket)  -- a push made before this look
   return {1, head_ends - now}
@@ -299,7 +382,7 @@ RENEW = _script(
 -- queue is served first, so a lease that already ended is not revived.
 -- ARGV[1]: ticket. Returns 1 while the ticket holds, else 0.
 local ticket = ARGV[1]
-local head = serve(ticket)
+local head = serve(ticket, '')
 if head ~= ticket then
   return 0
 end
@@ -318,7 +401,7 @@ INSPECT = _script(
 -- A snapshot: {ticket, lease left (us), ...} holder first, then waiters in
 -- queue order; empty when idle. Waiters whose lease ended are left out
 -- (they are dropped when they reach the front).
-local head, head_ends = serve(nil)
+local head, head_ends = serve(nil, '')
 if not head then
   return {}
 end
@@ -336,16 +419,19 @@ return out
 
 FORCE_RELEASE = _script(
     "force_release",
-    """
+    _HANDOFF_REPLY
+    + """
 -- An operator's revocation of the holder, whatever its lease; the next
--- ticket is served. Returns the revoked ticket, or nil when idle.
-local head = serve(nil)
+-- ticket is served. ARGV[1]: the caller's tag. Returns the hand-off reply
+-- whose result is the revoked ticket, or 0 when nobody held it.
+local tag = ARGV[1] or ''
+local head = serve(nil, '')
 if not head then
-  return false
+  return {0, 0, 0, 0}
 end
+redis.call('DEL', wake .. head)
 redis.call('HDEL', s, 'h', 'e', 'l', 'o')
-serve(nil)
-return head
+return handoff(head, tag)
 """,
 )
 
@@ -354,7 +440,7 @@ SWEEP = _script(
     """
 -- Serve the queue (dropping lapsed tickets, deleting an idle conversation);
 -- 1 if someone holds it afterwards, else 0. Used by conversations().
-if serve(nil) then
+if serve(nil, '') then
   return 1
 end
 return 0
@@ -363,21 +449,23 @@ return 0
 
 WITHDRAW = _script(
     "withdraw",
-    """
+    _HANDOFF_REPLY
+    + """
 -- Withdraw the ticket drawn with draw ID ARGV[1], holding or waiting, and
 -- serve the next: for a caller whose draw ran but whose reply was lost (it
--- was cancelled, or timed out, while the reply was on its way). Returns the
--- withdrawn ticket, or nil when no ticket carries that ID.
+-- was cancelled, or timed out, while the reply was on its way). ARGV[2]:
+-- the caller's tag. Returns the hand-off reply whose result is the
+-- withdrawn ticket, or 0 when no ticket carries that ID.
 local draw = ARGV[1]
+local tag = ARGV[2] or ''
 if draw == '' then
-  return false
+  return {0, 0, 0, 0}
 end
 local st = redis.call('HMGET', s, 'h', 'o')
 if st[1] and st[2] == draw then
   redis.call('DEL', wake .. st[1])
   redis.call('HDEL', s, 'h', 'e', 'l', 'o')
-  serve(nil)
-  return st[1]
+  return handoff(st[1], tag)
 end
 for _, t in ipairs(redis.call('ZRANGE', q, 0, -1)) do
   if redis.call('HGET', s, 'o' .. t) == draw then
@@ -385,13 +473,25 @@ for _, t in ipairs(redis.call('ZRANGE', q, 0, -1)) do
     redis.call('HDEL', s, 'e' .. t, 'l' .. t, 'o' .. t)
     redis.call('DEL', wake .. t)
     count()
-    serve(nil)
-    return t
+    return handoff(t, tag)
   end
 end
-return false
+return {0, 0, 0, 0}
 """,
 )
 
-ALL: tuple[LuaScript, ...] = (ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, SWEEP, WITHDRAW)
+DOORBELL = LuaScript(
+    "doorbell",
+    """-- convlock: doorbell
+-- Wake a store's own blocking reader so that it re-arms with a new set of
+-- lists: push to its doorbell list (KEYS[1]), which that reader always
+-- includes, with a TTL (ARGV[1] ms) so that a doorbell whose reader died
+-- does not outlive it.
+redis.call('RPUSH', KEYS[1], '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+""",
+)
+
+ALL: tuple[LuaScript, ...] = (ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, SWEEP, WITHDRAW, DOORBELL)
 """Every script, for loading them all at once (``SCRIPT LOAD``)."""

@@ -16,66 +16,75 @@ run with ``EVALSHA``. A script is atomic and costs one round trip, so:
   tickets strictly increase per conversation even across deletions: they are
   fencing tokens (see ``docs/redis.md``).
 
-Wake-up: a blocking list per ticket
------------------------------------
-When a script grants a ticket to a waiter (a release, a withdrawal, a lapsed
-lease), it ``RPUSH``-es to that ticket's own list, ``P:{conv}:w:<ticket>``,
-on which the waiter sits in ``BLPOP``. Only that waiter wakes: there is no
-thundering herd, not even a harmless one, and the grant is already done when
-it wakes, so hand-off costs no further round trip.
+Waiting: in-process first, then Redis
+-------------------------------------
+The store keeps, per conversation with a call in flight, its own holds and
+waiters (``_Local``). A release here tells the release script this store's
+tag (the random prefix of its draw IDs); when the ticket it promotes is one
+of ours, the script does not push and its reply names that ticket, and the
+store resolves the waiter in-process: a hand-off between two tasks of one
+process costs no round trip beyond the release itself.
 
-We chose lists over pub/sub (one subscriber connection per store) because:
+Only a waiter whose predecessor lives in another process needs Redis to wake
+it. Of one conversation's local waiters only the first can be next, and
+only while no local hold is ahead of it, so the store asks the wake-up hub
+(:mod:`convlock.redis.wakeups`) to watch at most one wake-up list per
+conversation, and the hub reads many lists per blocking connection. A
+script that grants a ticket of another process pushes to that ticket's own
+list, ``P:{conv}:w:<ticket>``, so only that waiter wakes, and the grant is
+done before it wakes: hand-off costs no further round trip. The ticket then
+first in the queue is pushed a re-plan notice with the new holder's lease.
 
-* a push is *stored*: if the waiter is between two ``BLPOP`` calls, or its
-  connection dropped and came back, the wake-up is still there. A pub/sub
-  message sent at that moment is gone for good, and we would rely on the
-  timer to notice.
-* it needs nothing extra in Redis Cluster: the list shares the
-  conversation's hash slot, so the script can push to it. Pub/sub there
-  needs sharded channels (``SPUBLISH``) hashed to that slot, hence a
-  ``SSUBSCRIBE`` round trip per wait and per-node subscriber connections.
-* there is no subscription state to rebuild after a reconnect or failover.
+Connections: short commands take a slot of a budget of
+``max_connections`` minus the readers' budget (:mod:`convlock.redis.commands`),
+waiting for one at most ``socket_timeout``; readers have their own budget.
+So a process never opens more than ``max_connections`` connections to a
+server, whatever the number of waiters, and waiting never starves draws,
+releases and renewals.
 
-The price: each waiting task holds one pooled connection while it waits (a
-process with 1,000 waiters at once opens 1,000 connections), and a waiter
-that is cancelled mid-``BLPOP`` costs that connection (redis-py closes it,
-since a reply may be in flight). Waiters are few in practice: a lock is per
-conversation.
+Timers follow the queue as it is now: each first local waiter re-checks
+(``check`` script) when the holder's lease ends, as the latest reply (or
+re-plan push) reports it, and waiters' own leases are kept alive, with the
+holders', by the store's one renewal task in one pipeline. A wake-up lost
+(or a waiter no reader could take, past the budget) costs latency, never a
+grant: the waiter re-checks at the holder's lease end, or every
+``FALLBACK_POLL`` seconds when no reader watches it. Every wait is bounded
+on the client's clock, so nothing depends on Redis's 100 ms timer tick.
 
-Because a push can still be missed (the waiter's process stalled past the
-list's TTL, or a failover lost it), a waiter's ``BLPOP`` times out at the
-latest when the holder's lease ends, after ``lifetime/3``, or well before
-``socket_timeout``, whichever is first; it then runs the ``check`` script,
-which serves the queue (dropping a dead holder) and renews the waiter's own
-lease. Waiting tickets carry leases because a waiter's process can die.
+A promoted ticket of another process keeps its waiting lease's end rather
+than starting a fresh one: a waiter that died is skipped once that lease
+lapses, while a live one renews in full as soon as it wakes.
 
 Leases and renewal
 ------------------
-A granted ticket's lease is ``lifetime`` from its grant. Holders with
-``renew=True`` are renewed by *one* task per store, which renews every hold
-that is due in one pipeline, each at least every ``lifetime/3``. A hold
-learns it is lost (``held.lost``) when a renewal says so, or when its local
+A granted ticket's lease is ``lifetime`` from its grant (for a ticket
+promoted by another process: from its last keep-alive, see above). Holders
+with ``renew=True`` and all waiters are renewed by *one* task per store,
+which renews every lease that is due in one pipeline, each at least every
+``lifetime/3``. A hold learns it is lost (``held.lost``) when a renewal
+says so, when this store revokes it (``force_release``), or when its local
 deadline passes: the lease was granted no earlier than the request that
 saw it, so ``request sent + lifetime`` (on the local monotonic clock) is a
-safe bound even when renewals cannot reach Redis.
+safe bound even when renewals cannot reach Redis. Lease lengths are
+bounded (:data:`~convlock.tickets.MIN_LIFETIME` to
+:data:`~convlock.tickets.MAX_LIFETIME`), and the scripts check them again
+before writing, so no key is ever left without a TTL.
 
 Failures
 --------
-Every Redis call is bounded by ``socket_timeout``: redis-py bounds the
-connect and each read and write by it, which for a single server bounds the
-call; with Sentinel or Cluster, where a call may try several servers in
-turn, an ``asyncio.timeout`` bounds the whole call as well. Connection
-errors, timeouts and error replies become
-:class:`~convlock.LockStoreUnavailable` naming the server. Nothing is
-retried blindly: a script that may have run is not sent again. After
-Redis comes back, the pool reconnects on the next call.
+Every Redis call is bounded by ``socket_timeout`` on the client's clock, the
+wait for a connection included, and is never re-sent after it may have run,
+even on a client passed in with a retrying policy (see
+:mod:`convlock.redis.commands`). Connection errors, timeouts and error
+replies become :class:`~convlock.LockStoreUnavailable` naming the server.
+After Redis comes back, the pool reconnects on the next call.
 
 A waiter that is cancelled withdraws its ticket in a background task (so
 cancellation takes effect at once and the withdrawal still happens), by
 number, or by draw ID when it was cancelled before the draw's reply came
-back; the store's ``aclose()`` waits for those. A release that cannot reach Redis is
-logged and counted, not raised: the work is done, and the lease lets the
-next ticket in within ``lifetime``.
+back; the store's ``aclose()`` waits for those. A release that cannot reach
+Redis is logged and counted, not raised: the work is done, and the lease
+lets the next ticket in within ``lifetime``.
 
 Trade-offs and open questions
 -----------------------------
@@ -95,6 +104,7 @@ Trade-offs and open questions
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import math
@@ -108,30 +118,36 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import LockStoreSettings, RedisSettings
 from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from ..ids import check_conversation_id
 from ..store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
-from ..tickets import renew_interval
+from ..tickets import check_lifetime, next_look, renew_interval
 from . import scripts
+from .commands import CommandPath, retries_on_timeout
 from .connection import STALE_CHECK_KWARGS, RedisClient, create_client, describe
 from .keys import ConversationKeys, KeySpace
+from .wakeups import FALLBACK_POLL, WakeupHub
 
 __all__ = ["RedisLockStore"]
 
 logger = logging.getLogger("convlock.redis")
 
 _US = 1_000_000
-#: A waiter's BLPOP must return before the socket read times out.
-_BLPOP_SHARE_OF_SOCKET_TIMEOUT = 0.5
-#: Shortest BLPOP: Redis reads "0" as "for ever", and ms is its resolution.
-_MIN_POLL = 0.001
 #: How soon a renewal that could not reach Redis is tried again, as a share of the lifetime.
 _RENEW_RETRY_SHARE = 0.1
 _SCAN_BATCH = 200
+#: The share of ``max_connections`` that wake-up readers may use (at least one,
+#: at most this many): the rest is for short commands.
+_READER_SHARE = 0.2
+_MAX_READERS = 16
+
+
+def _reader_budget(max_connections: int) -> int:
+    return max(1, min(_MAX_READERS, int(max_connections * _READER_SHARE)))
 
 
 class _RedisHold(HeldLock):
@@ -140,15 +156,22 @@ class _RedisHold(HeldLock):
     __slots__ = (
         "_deadline",
         "_draw",
+        "_granted",
+        "_holder_ends",
         "_keys",
         "_lifetime",
         "_lifetime_arg",
         "_number",
+        "_poll",
+        "_probe_sent",
         "_renew",
         "_renew_at",
+        "_requeue",
         "_revoked",
+        "_signal",
         "_store",
         "_wait_timeout",
+        "_waiting",
         "conversation_id",
     )
 
@@ -166,7 +189,7 @@ class _RedisHold(HeldLock):
         self.conversation_id = conversation_id
         self._keys = keys
         self._lifetime = lifetime
-        self._lifetime_arg = max(1, round(lifetime * _US))
+        self._lifetime_arg = max(scripts.MIN_LEASE_US, round(lifetime * _US))
         self._renew = renew
         self._wait_timeout = wait_timeout
         self._number = 0
@@ -175,7 +198,16 @@ class _RedisHold(HeldLock):
         self._renew_at = math.inf
         # Names this hold's draw in Redis, so that a ticket whose number never
         # reached us (cancelled or timed out mid-draw) can still be withdrawn.
-        self._draw = f"{store._draw_prefix}{next(store._draw_count)}"
+        self._draw = f"{store._tag}{next(store._draw_count)}"
+        # While waiting: what the waiter loop reads, set by hand-offs,
+        # wake-up messages and renewals (see RedisLockStore._wait).
+        self._waiting = False
+        self._granted = False
+        self._requeue = False
+        self._holder_ends = math.inf
+        self._probe_sent = 0.0
+        self._poll: float | None = None
+        self._signal: asyncio.Event | None = None
 
     @property
     def ticket(self) -> int:
@@ -199,6 +231,10 @@ class _RedisHold(HeldLock):
             self._store._lost += 1
         raise LockLostError.for_ticket(self.conversation_id, self._number, self._lifetime)
 
+    def _wake(self) -> None:
+        if self._signal is not None:
+            self._signal.set()
+
     async def __aenter__(self) -> _RedisHold:
         store = self._store
         if self._number or store._closed:
@@ -210,20 +246,21 @@ class _RedisHold(HeldLock):
             # The draw may have run with its reply on the way: withdraw
             # whatever ticket it made, or it would block the conversation
             # for a whole lease.
-            store._withdraw_later(self._keys, 0, draw=self._draw)
+            store._withdraw_later(self._keys, 0, draw=self._draw, conversation_id=self.conversation_id)
             raise
         except LockStoreUnavailable as error:
             if _may_have_run(error):
-                store._withdraw_later(self._keys, 0, draw=self._draw)
+                store._withdraw_later(self._keys, 0, draw=self._draw, conversation_id=self.conversation_id)
             raise
         if type(reply) is int:  # granted at once: the ticket alone
             self._number = reply
             self._deadline = sent + self._lifetime
+            store._hold(self)
         else:
-            self._number = reply[0]
-            await store._wait(self, reply[1], sent)
+            self._number = int(reply[0])
+            await store._wait(self, int(reply[1]), sent)
         if self._renew:
-            store._register(self)
+            store._register(self, self._deadline - 2 * renew_interval(self._lifetime))
         return self
 
     async def __aexit__(
@@ -233,16 +270,17 @@ class _RedisHold(HeldLock):
         tb: TracebackType | None,
     ) -> None:
         store = self._store
-        if self._renew:
-            store._renewing.discard(self)
+        store._renewing.discard(self)
+        store._unhold(self)
         if self._revoked:
-            return  # a renewal or ensure() saw it revoked: nothing to release
+            return  # a renewal, ensure() or force_release saw it revoked: nothing to release
+        sent = time.monotonic()
         try:
-            await store._eval(scripts.RELEASE, self._keys, self._number)
+            reply = await store._eval(scripts.RELEASE, self._keys, self._number, 0, store._tag)
         except asyncio.CancelledError:
             # The script may or may not have run; it is idempotent, so run it
             # again where no cancellation can reach it.
-            store._withdraw_later(self._keys, self._number)
+            store._withdraw_later(self._keys, self._number, conversation_id=self.conversation_id)
             raise
         except LockStoreUnavailable as error:
             store._release_failures += 1
@@ -254,7 +292,26 @@ class _RedisHold(HeldLock):
                 error,
                 self._lifetime,
             )
+        else:
+            if type(reply) is not int:
+                store._handed(self.conversation_id, reply, sent)
         self._deadline = -math.inf
+
+
+class _Local:
+    """This store's calls in flight on one conversation: its holds and its waiters.
+
+    ``waiters`` is sorted by ticket; only ``waiters[0]`` can be served next
+    among them, and ``listening`` is the waiter whose wake-up list the hub
+    reads (None while a local hold is ahead, which hands over in-process).
+    """
+
+    __slots__ = ("holds", "listening", "waiters")
+
+    def __init__(self) -> None:
+        self.holds: set[_RedisHold] = set()
+        self.waiters: list[_RedisHold] = []
+        self.listening: _RedisHold | None = None
 
 
 class RedisLockStore(LockStore):
@@ -268,7 +325,10 @@ class RedisLockStore(LockStore):
         RedisLockStore(existing_client)  # a redis.asyncio Redis or RedisCluster
 
     A store built from settings or a URL owns its client and closes it in
-    :meth:`aclose`; a client passed in is left open.
+    :meth:`aclose`; a client passed in is left open. A client passed in gets
+    the same discipline as the store's own: every call is bounded by the
+    store's ``socket_timeout`` and never re-sent (a Cluster client whose
+    retry policy would re-send is refused with ``ValueError``).
 
     Promises, across all processes and hosts sharing the Redis and the
     ``key_prefix``:
@@ -277,12 +337,19 @@ class RedisLockStore(LockStore):
       conversation is granted. A holder that stops renewing (crash, hang,
       ``renew=False`` past ``lifetime``) loses the lock when its lease ends.
     * Fairness: tickets are granted strictly in ticket order; a waiter whose
-      process died is skipped once its lease (renewed while it waits) ends.
+      process died is skipped once its waiting lease (renewed while it
+      waits) ends, even if it reached the front before that.
     * Fencing: ``held.ticket`` strictly increases per conversation, even after
       the conversation went idle and its keys were deleted.
-    * Hand-off wakes exactly the next waiter; waiters also re-check on a
-      timer, at the latest when the holder's lease ends.
-    * Cancellation or ``wait_timeout`` withdraws the waiter's ticket.
+    * Hand-off: a release resolves the next waiter in-process when it is
+      in this process, and otherwise wakes exactly that waiter; a waiter
+      behind a holder that died is served within a few milliseconds of that
+      holder's lease end.
+    * Cancellation or ``wait_timeout`` withdraws the waiter's ticket; a
+      ``wait_timeout`` is kept on the client's clock.
+    * Bounded resources: at most ``max_connections`` connections per server,
+      whatever the number of waiting calls; calls wait (up to
+      ``socket_timeout``) for a connection rather than fail.
     * No leaks: an idle conversation has no keys; every key has a TTL that
       ends shortly after the leases it covers.
     * Failures: an unreachable Redis raises ``LockStoreUnavailable`` naming it
@@ -301,36 +368,57 @@ class RedisLockStore(LockStore):
         lifetime: float | None = None,
         wait_timeout: float | None = None,
         socket_timeout: float | None = None,
+        max_connections: int | None = None,
     ) -> None:
         super().__init__(lifetime=lifetime, wait_timeout=wait_timeout)
+        check_lifetime(self.lifetime)
         timeout = check_seconds("socket_timeout", socket_timeout)
+        if max_connections is not None and (
+            isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 2
+        ):
+            raise ValueError(f"max_connections must be a whole number of 2 or more, got {max_connections!r}")
         if redis is None:
             redis = RedisSettings()
         if isinstance(redis, RedisSettings):
+            update: dict[str, Any] = {}
             if timeout is not None and timeout != redis.socket_timeout:
-                redis = redis.model_copy(update={"socket_timeout": timeout})
+                update["socket_timeout"] = timeout
+            if max_connections is not None:
+                update["max_connections"] = max_connections
+            if update:
+                redis = redis.model_copy(update=update)
             self._client: RedisClient = create_client(redis, retries=0)
             self._owns_client = True
             self._where = describe(redis)
             self._socket_timeout = redis.socket_timeout
+            limit = redis.max_connections
             prefix = redis.key_prefix if key_prefix is None else key_prefix
         elif isinstance(redis, str):
             self._socket_timeout = timeout or RedisSettings().socket_timeout
+            limit = max_connections or RedisSettings().max_connections
             self._client = aioredis.Redis.from_url(
                 redis,
                 socket_timeout=self._socket_timeout,
                 socket_connect_timeout=self._socket_timeout,
                 retry=Retry(NoBackoff(), 0),
+                max_connections=limit,
                 **STALE_CHECK_KWARGS,
             )
             self._owns_client = True
             self._where = _describe_client(self._client)
             prefix = key_prefix or "convlock"
         elif isinstance(redis, aioredis.Redis | RedisCluster):
+            if retries_on_timeout(redis):
+                raise ValueError(
+                    "RedisLockStore needs a Cluster client that never re-sends a command (a lock script "
+                    "that timed out may have run): build it with retry=Retry(NoBackoff(), 0), or pass "
+                    "RedisSettings and let the store build its own"
+                )
             self._client = redis
             self._owns_client = False
             self._where = _describe_client(redis)
             self._socket_timeout = timeout or _client_socket_timeout(redis) or RedisSettings().socket_timeout
+            limit = max_connections or RedisSettings().max_connections
             prefix = key_prefix or "convlock"
         else:
             raise TypeError(
@@ -338,23 +426,30 @@ class RedisLockStore(LockStore):
                 f"got {type(redis).__name__}"
             )
         self._space = KeySpace(prefix)
-        # A plain client talks to one server; Sentinel and Cluster clients
-        # may try several in turn (see _eval).
-        self._one_server = type(self._client) is aioredis.Redis and not hasattr(
-            self._client.connection_pool, "service_name"
+        self._max_connections = limit
+        readers = _reader_budget(limit)
+        self._commands = CommandPath(self._client, budget=limit - readers, timeout=self._socket_timeout)
+        # The random prefix of this store's draw IDs: scripts recognise this
+        # store's tickets by it and leave their hand-off to us (no push).
+        self._tag = os.urandom(6).hex() + ":"
+        self._draw_count = itertools.count(1)
+        self._hub = WakeupHub(
+            self._client, self._commands, prefix=prefix, budget=readers, dispatch=self._dispatch
         )
         self._closed = False
+        self._local: dict[str, _Local] = {}
+        self._by_wake: dict[str, _RedisHold] = {}
         self._renewing: set[_RedisHold] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._renewer_target = math.inf
         self._renewer_poke: asyncio.Event | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._draw_prefix = os.urandom(6).hex() + ":"
-        self._draw_count = itertools.count(1)
         # Counters for statistics(); bumped off the uncontended path.
         self._contended = 0
         self._wakeups = 0
+        self._local_handoffs = 0
         self._rechecks = 0
+        self._fallback_waits = 0
         self._requeued = 0
         self._timeouts = 0
         self._cancelled = 0
@@ -380,6 +475,11 @@ class RedisLockStore(LockStore):
         """The prefix of every key this store writes."""
         return self._space.prefix
 
+    @property
+    def max_connections(self) -> int:
+        """The most connections this store opens to one Redis server."""
+        return self._max_connections
+
     # -- the lock
 
     def lock(
@@ -392,94 +492,274 @@ class RedisLockStore(LockStore):
     ) -> _RedisHold:
         """Draw a ticket for ``conversation_id``; see :meth:`LockStore.lock` for the promises.
 
-        In Redis the lease is on the server's clock. With ``renew=True`` this
-        store's renewal task extends it every ``lifetime/3``; a waiting
-        ticket's lease is renewed by its waiter whatever ``renew`` says.
-        Raises ``LockStoreUnavailable`` (nothing held) when Redis cannot be
-        reached within ``socket_timeout``.
+        In Redis the lease is on the server's clock and ``lifetime`` must be
+        from 10 ms to 30 days (``ValueError`` otherwise). With
+        ``renew=True`` this store's renewal task extends it every
+        ``lifetime/3``; a waiting ticket's lease is renewed while it waits
+        whatever ``renew`` says. Raises ``LockStoreUnavailable`` (nothing
+        held) when Redis cannot be reached within ``socket_timeout``.
         """
         check_conversation_id(conversation_id)
         return _RedisHold(
             self,
             conversation_id,
             keys=self._space.keys(conversation_id),
-            lifetime=self.lifetime if lifetime is None else check_seconds("lifetime", lifetime) or 0.0,
+            lifetime=(
+                self.lifetime
+                if lifetime is None
+                else check_lifetime(check_seconds("lifetime", lifetime) or 0.0)
+            ),
             renew=bool(renew),
             wait_timeout=(
                 self.wait_timeout if wait_timeout is None else check_seconds("wait_timeout", wait_timeout)
             ),
         )
 
+    # -- this process's holds and waiters
+
+    def _hold(self, hold: _RedisHold) -> None:
+        local = self._local.get(hold.conversation_id)
+        if local is None:
+            local = self._local[hold.conversation_id] = _Local()
+        local.holds.add(hold)
+
+    def _unhold(self, hold: _RedisHold) -> None:
+        local = self._local.get(hold.conversation_id)
+        if local is None:
+            return
+        local.holds.discard(hold)
+        if not local.holds and not local.waiters:
+            del self._local[hold.conversation_id]
+
+    def _enqueue(self, hold: _RedisHold) -> _Local:
+        local = self._local.get(hold.conversation_id)
+        if local is None:
+            local = self._local[hold.conversation_id] = _Local()
+        hold._waiting = True
+        bisect.insort(local.waiters, hold, key=_ticket_of)
+        self._by_wake[hold._keys.wake(hold._number)] = hold
+        self._arrange(hold.conversation_id, local)
+        return local
+
+    def _dequeue(self, hold: _RedisHold) -> None:
+        """Take ``hold`` out of the waiters (granted, withdrawn or given up)."""
+        if not hold._waiting:
+            return
+        hold._waiting = False
+        self._renewing.discard(hold)
+        wake = hold._keys.wake(hold._number)
+        if self._by_wake.get(wake) is hold:
+            del self._by_wake[wake]
+        local = self._local.get(hold.conversation_id)
+        if local is None:
+            return
+        if hold in local.waiters:
+            local.waiters.remove(hold)
+        if local.listening is hold:
+            self._hub.unwatch(wake)
+            local.listening = None
+        if not local.holds and not local.waiters:
+            del self._local[hold.conversation_id]
+        else:
+            self._arrange(hold.conversation_id, local)
+
+    def _arrange(self, conversation_id: str, local: _Local) -> None:
+        """Make the hub watch the first local waiter's list iff no local hold is ahead of it."""
+        front = local.waiters[0] if local.waiters and not local.holds else None
+        if front is local.listening:
+            return
+        if local.listening is not None:
+            self._hub.unwatch(local.listening._keys.wake(local.listening._number))
+            local.listening._poll = None
+        local.listening = front
+        if front is not None:
+            watched = self._hub.watch(front._keys.wake(front._number), front._keys.tag)
+            front._poll = None if watched else FALLBACK_POLL
+            if not watched:
+                self._fallback_waits += 1
+            front._wake()
+
+    def _grant(self, hold: _RedisHold, deadline: float) -> None:
+        """Hand the lock to a waiting ``hold`` of this process; its lease ends at ``deadline`` or later."""
+        if not hold._waiting:
+            return
+        hold._granted = True
+        hold._deadline = deadline
+        self._dequeue(hold)
+        self._hold(hold)
+        local = self._local[hold.conversation_id]
+        self._arrange(hold.conversation_id, local)
+        hold._wake()
+
+    def _handed(self, conversation_id: str, reply: Sequence[Any], sent: float) -> None:
+        """Act on a hand-off reply ``{result, handed, holder, lease left}`` of a script sent at ``sent``."""
+        handed, holder, left_us = int(reply[1]), int(reply[2]), int(reply[3])
+        local = self._local.get(conversation_id)
+        if local is None:
+            return
+        if handed:
+            for waiter in local.waiters:
+                if waiter._number == handed:
+                    self._local_handoffs += 1
+                    # The script gave it a fresh lease after `sent`.
+                    self._grant(waiter, sent + waiter._lifetime)
+                    return
+            # Not waiting here any more (cancelled as it was served): its
+            # withdrawal releases it.
+            return
+        if holder and local.waiters:
+            front = local.waiters[0]
+            front._holder_ends = time.monotonic() + left_us / _US
+            front._wake()
+
+    def _dispatch(self, key: str, message: bytes) -> None:
+        """A wake-up message read by the hub for list ``key``."""
+        hold = self._by_wake.get(key)
+        if hold is None or not hold._waiting:
+            return
+        if message[:1] == b"g":
+            self._wakeups += 1
+            # Granted after our last "not yet" (sent at _probe_sent), with its
+            # waiting lease, which was renewed no earlier than that.
+            self._grant(hold, hold._probe_sent + hold._lifetime)
+        elif message[:1] == b"r":
+            try:
+                left_us = int(message[1:])
+            except ValueError:  # pragma: no cover - only our scripts push here
+                return
+            hold._holder_ends = time.monotonic() + left_us / _US
+            hold._wake()
+
     async def _wait(self, hold: _RedisHold, holder_left_us: int, sent: float) -> None:
         """Park ``hold`` until granted; withdraw its ticket on any exit but success."""
         self._contended += 1
         keys = hold._keys
         deadline = None if hold._wait_timeout is None else sent + hold._wait_timeout
-        # The last request whose reply said "not yet granted": a later grant
-        # happened after it was sent, which bounds the lease from below.
-        probe_sent = sent
+        hold._signal = asyncio.Event()
+        hold._probe_sent = sent
+        hold._holder_ends = time.monotonic() + holder_left_us / _US
+        self._enqueue(hold)
+        # Its waiting lease is kept alive by the renewal task, with the holds'.
+        self._register(hold, sent + renew_interval(hold._lifetime))
         reissuing = False
         try:
-            while True:
-                poll = min(
-                    renew_interval(hold._lifetime),
-                    holder_left_us / _US + _MIN_POLL,
-                    self._socket_timeout * _BLPOP_SHARE_OF_SOCKET_TIMEOUT,
-                )
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        await self._give_up(hold)
-                    poll = min(poll, left)
-                if await self._blpop(keys.wake(hold._number), max(poll, _MIN_POLL)):
-                    self._wakeups += 1
-                    hold._deadline = probe_sent + hold._lifetime
-                    return
-                self._rechecks += 1
-                checked = time.monotonic()
-                state, holder_left_us = await self._eval(scripts.CHECK, keys, hold._number)
-                if state == 1:
-                    # The grant may be older than this check (a release
-                    # pushed it after our BLPOP timed out): the lease began
-                    # after the last "not yet" and has holder_left_us left
-                    # as of some moment after `checked`.
-                    hold._deadline = max(
-                        probe_sent + hold._lifetime, checked + holder_left_us / _US
-                    )
-                    return
-                if state == -1:
-                    # Our own waiting lease ended (we could not renew it in
-                    # time): we lost our place, so queue again at the back.
+            while not hold._granted:
+                if hold._requeue:
+                    # Our waiting lease lapsed (this process stalled past it):
+                    # we lost our place, so queue again at the back.
+                    hold._requeue = False
                     self._requeued += 1
-                    checked = time.monotonic()
+                    self._dequeue(hold)
+                    reissued = time.monotonic()
                     reissuing = True
                     reply = await self._eval(scripts.ISSUE, keys, hold._lifetime_arg, hold._draw)
                     reissuing = False
                     if type(reply) is int:
                         hold._number = reply
-                        hold._deadline = checked + hold._lifetime
-                        return
-                    hold._number, holder_left_us = reply
-                probe_sent = checked
+                        hold._deadline = reissued + hold._lifetime
+                        self._hold(hold)
+                        break
+                    hold._number = int(reply[0])
+                    hold._probe_sent = reissued
+                    hold._holder_ends = time.monotonic() + int(reply[1]) / _US
+                    self._enqueue(hold)
+                    self._register(hold, reissued + renew_interval(hold._lifetime))
+                    continue
+                local = self._local.get(hold.conversation_id)
+                front = local is not None and local.waiters and local.waiters[0] is hold
+                # A renewing hold of ours hands over itself when it ends; any
+                # other holder's lease end is when to look.
+                ahead_is_local = local is not None and any(h._renew and not h.lost for h in local.holds)
+                now = time.monotonic()
+                at = next_look(
+                    now,
+                    holder_ends=hold._holder_ends if front and not ahead_is_local else math.inf,
+                    deadline=deadline,
+                    poll=hold._poll if front else None,
+                )
+                if at > now:
+                    hold._signal.clear()
+                    if at == math.inf:
+                        await hold._signal.wait()
+                    else:
+                        try:
+                            async with asyncio.timeout(at - now):
+                                await hold._signal.wait()
+                        except TimeoutError:
+                            pass
+                    continue
+                if deadline is not None and now >= deadline:
+                    await self._give_up(hold)
+                await self._look(hold)
         except asyncio.CancelledError:
             self._cancelled += 1
-            self._withdraw_later(keys, hold._number, draw=hold._draw if reissuing else None)
+            self._abandon(hold, draw=hold._draw if reissuing else None)
             raise
         except LockStoreUnavailable:
-            self._withdraw_later(keys, hold._number, draw=hold._draw if reissuing else None)
+            self._abandon(hold, draw=hold._draw if reissuing else None)
             raise
+        except LockTimeoutError:
+            raise
+        finally:
+            hold._signal = None
+        self._renewing.discard(hold)  # _register() below puts a renewing hold back
+
+    async def _look(self, hold: _RedisHold) -> None:
+        """A waiter's own check: served yet? (the holder's lease ended, or no reader watches it)."""
+        self._rechecks += 1
+        checked = time.monotonic()
+        state, left_us = await self._eval(scripts.CHECK, hold._keys, hold._number)
+        self._checked(hold, int(state), int(left_us), checked)
+
+    def _checked(self, hold: _RedisHold, state: int, left_us: int, sent: float) -> None:
+        """Apply a ``check`` reply sent at ``sent`` to a waiting ``hold``."""
+        if not hold._waiting:
+            return
+        if state == 1:
+            # The grant may be older than this check (a push we have not
+            # read): the lease began after the last "not yet" and has
+            # left_us left as of some moment after `sent`.
+            self._grant(hold, max(hold._probe_sent + hold._lifetime, sent + left_us / _US))
+        elif state == 0:
+            hold._probe_sent = sent
+            hold._holder_ends = time.monotonic() + left_us / _US
+            hold._renew_at = sent + renew_interval(hold._lifetime)
+        else:
+            hold._requeue = True
+            hold._wake()
+
+    def _abandon(self, hold: _RedisHold, *, draw: str | None) -> None:
+        """Withdraw a waiter that gives up by cancellation or error, in the background."""
+        self._dequeue(hold)
+        self._unhold(hold)
+        self._withdraw_later(hold._keys, hold._number, draw=draw, conversation_id=hold.conversation_id)
 
     async def _give_up(self, hold: _RedisHold) -> NoReturn:
         """Withdraw a waiter whose ``wait_timeout`` passed and raise ``LockTimeoutError``."""
         self._timeouts += 1
-        await self._eval(scripts.RELEASE, hold._keys, hold._number, 1)
+        self._dequeue(hold)
+        sent = time.monotonic()
+        try:
+            reply = await self._eval(scripts.RELEASE, hold._keys, hold._number, 1, self._tag)
+        except BaseException:
+            self._withdraw_later(hold._keys, hold._number, conversation_id=hold.conversation_id)
+            raise
+        if type(reply) is not int:
+            self._handed(hold.conversation_id, reply, sent)
         raise LockTimeoutError(
             f"waited {hold._wait_timeout:g}s for conversation {hold.conversation_id!r} without "
             f"being served (ticket {hold._number} withdrawn)",
             conversation_id=hold.conversation_id,
         )
 
-    def _withdraw_later(self, keys: ConversationKeys, ticket: int, *, draw: str | None = None) -> None:
+    def _withdraw_later(
+        self,
+        keys: ConversationKeys,
+        ticket: int,
+        *,
+        conversation_id: str,
+        draw: str | None = None,
+    ) -> None:
         """Withdraw ``ticket`` in the background, out of reach of the caller's cancellation.
 
         With ``draw``, withdraw instead whatever ticket that draw made, for a
@@ -487,17 +767,21 @@ class RedisLockStore(LockStore):
         """
 
         async def withdraw() -> None:
+            sent = time.monotonic()
             try:
                 if draw is None:
-                    await self._eval(scripts.RELEASE, keys, ticket, 1)
+                    reply = await self._eval(scripts.RELEASE, keys, ticket, 1, self._tag)
                 else:
-                    await self._eval(scripts.WITHDRAW, keys, draw)
+                    reply = await self._eval(scripts.WITHDRAW, keys, draw, self._tag)
             except LockStoreUnavailable as error:
                 logger.warning(
                     "could not withdraw ticket %s (%s); it lapses when its lease ends",
                     ticket or f"of draw {draw}",
                     error,
                 )
+                return
+            if type(reply) is not int:
+                self._handed(conversation_id, reply, sent)
 
         task = asyncio.get_running_loop().create_task(withdraw())
         self._background.add(task)
@@ -505,9 +789,9 @@ class RedisLockStore(LockStore):
 
     # -- renewal
 
-    def _register(self, hold: _RedisHold) -> None:
-        """Hand a renewing hold to the store's renewal task, starting it if needed."""
-        hold._renew_at = time.monotonic() + renew_interval(hold._lifetime)
+    def _register(self, hold: _RedisHold, renew_at: float) -> None:
+        """Hand a lease (a renewing hold's, or a waiter's) to the renewal task, starting it if needed."""
+        hold._renew_at = renew_at
         self._renewing.add(hold)
         renewer = self._renewer
         if renewer is None or renewer.done():
@@ -518,7 +802,7 @@ class RedisLockStore(LockStore):
             self._renewer_poke.set()
 
     async def _renew_forever(self) -> None:
-        """Renew every due hold, sleeping until the next is due; runs until ``aclose``."""
+        """Renew every due lease, sleeping until the next is due; runs until ``aclose``."""
         poke = self._renewer_poke
         assert poke is not None
         idle = renew_interval(self.lifetime)
@@ -538,16 +822,28 @@ class RedisLockStore(LockStore):
                 pass
 
     async def _renew(self, holds: Sequence[_RedisHold]) -> None:
-        """Extend the leases of ``holds`` in one pipeline; mark revoked ones lost."""
+        """Extend the leases of ``holds`` in one pipeline: ``renew`` for holders, ``check`` for waiters."""
         sent = time.monotonic()
+        calls = [
+            (scripts.CHECK, hold._keys.state, (hold._number,))
+            if hold._waiting
+            else (scripts.RENEW, hold._keys.state, (hold._number, 1))
+            for hold in holds
+        ]
         try:
-            replies = await self._pipeline(
-                scripts.RENEW, [(hold._keys, (hold._number, 1)) for hold in holds]
-            )
+            replies = await self._pipeline(calls)
         except LockStoreUnavailable as error:
             replies = [error] * len(holds)
         for hold, reply in zip(holds, replies, strict=True):
-            if reply == 1:
+            if isinstance(reply, list) and hold._waiting:
+                self._checked(hold, int(reply[0]), int(reply[1]), sent)
+                if not hold._waiting:
+                    self._renewing.discard(hold)
+                    if hold._renew:
+                        self._register(hold, hold._deadline - 2 * renew_interval(hold._lifetime))
+                elif hold._requeue:
+                    self._renewing.discard(hold)
+            elif reply == 1:
                 self._renewals += 1
                 hold._deadline = sent + hold._lifetime
                 hold._renew_at = sent + renew_interval(hold._lifetime)
@@ -555,12 +851,15 @@ class RedisLockStore(LockStore):
                 self._lost += 1
                 hold._revoked = True
                 self._renewing.discard(hold)
+            elif not hold._waiting and not isinstance(reply, Exception) and reply is not None:
+                self._renewing.discard(hold)  # a stale entry: nothing to renew
             else:
                 # Try again soon; if this keeps failing, the local deadline
-                # passes and the hold reports itself lost.
+                # passes and the hold reports itself lost (a waiter's own
+                # check then raises).
                 self._renewal_errors += 1
                 hold._renew_at = time.monotonic() + hold._lifetime * _RENEW_RETRY_SHARE
-                if hold.lost:
+                if not hold._waiting and hold.lost:
                     self._renewing.discard(hold)
                 logger.warning(
                     "could not renew ticket %s of conversation %r: %s",
@@ -582,66 +881,20 @@ class RedisLockStore(LockStore):
         )
 
     async def _eval(self, script: scripts.LuaScript, keys: ConversationKeys, *args: Any) -> Any:
-        """Run ``script`` on a conversation's keys, bounded by ``socket_timeout``."""
+        """Run ``script`` on a conversation's keys, bounded by ``socket_timeout``, never re-sent."""
         try:
-            if self._one_server:
-                # redis-py bounds the connect and every read and write by
-                # socket_timeout, and one server means one of each: no outer
-                # timer is needed on the hot path.
-                return await self._run(script, keys, args)
-            # Sentinel asks each sentinel in turn and a cluster may walk its
-            # nodes: only an outer timer bounds the whole call.
-            async with asyncio.timeout(self._socket_timeout):
-                return await self._run(script, keys, args)
+            return await self._commands.evalsha(script, keys.state, *args)
         except (RedisError, OSError, TimeoutError) as error:
             raise self._unavailable_error(error) from error
 
-    async def _run(self, script: scripts.LuaScript, keys: ConversationKeys, args: tuple[Any, ...]) -> Any:
-        client = self._client
-        try:
-            return await client.execute_command(
-                "EVALSHA", script.sha, 1, keys.state, *args
-            )
-        except NoScriptError:
-            # A restarted or failed-over server forgot our scripts. (As one
-            # word, "SCRIPT LOAD" goes to every node of a cluster.)
-            await client.execute_command("SCRIPT LOAD", script.source)
-            return await client.execute_command(
-                "EVALSHA", script.sha, 1, keys.state, *args
-            )
-
-    async def _blpop(self, key: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a push on ``key``; True if one came."""
-        try:
-            async with asyncio.timeout(timeout + self._socket_timeout):
-                reply = await self._client.execute_command("BLPOP", key, f"{timeout:.3f}")
-        except (RedisError, OSError, TimeoutError) as error:
-            raise self._unavailable_error(error) from error
-        return reply is not None
-
-    async def _pipeline(
-        self, script: scripts.LuaScript, calls: Sequence[tuple[ConversationKeys, Sequence[Any]]]
-    ) -> list[Any]:
-        """Run ``script`` once per call in one pipeline; per-call errors are returned, not raised."""
+    async def _pipeline(self, calls: Sequence[tuple[scripts.LuaScript, str, Sequence[Any]]]) -> list[Any]:
+        """Run several scripts in one round trip; per-call errors are returned, not raised."""
         if not calls:
             return []
-        client = self._client
         try:
-            async with asyncio.timeout(self._socket_timeout):
-                for attempt in range(2):
-                    pipe = client.pipeline(transaction=False)
-                    for keys, args in calls:
-                        pipe.execute_command(
-                            "EVALSHA", script.sha, 1, keys.state, *args
-                        )
-                    replies: list[Any] = await pipe.execute(raise_on_error=False)
-                    if attempt == 0 and any(isinstance(reply, NoScriptError) for reply in replies):
-                        await client.execute_command("SCRIPT LOAD", script.source)
-                        continue
-                    return replies
+            return await self._commands.pipeline(calls)
         except (RedisError, OSError, TimeoutError) as error:
             raise self._unavailable_error(error) from error
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- inspection and administration
 
@@ -692,7 +945,9 @@ class RedisLockStore(LockStore):
             yield live
 
     async def _live(self, conversation_ids: list[str]) -> list[str]:
-        replies = await self._pipeline(scripts.SWEEP, [(self._space.keys(c), ()) for c in conversation_ids])
+        replies = await self._pipeline(
+            [(scripts.SWEEP, self._space.keys(c).state, ()) for c in conversation_ids]
+        )
         for reply in replies:
             if isinstance(reply, Exception):
                 raise self._unavailable_error(reply)
@@ -701,32 +956,40 @@ class RedisLockStore(LockStore):
     async def force_release(self, conversation_id: str) -> int | None:
         """Revoke the holder and serve the next ticket; see :meth:`LockStore.force_release`.
 
-        A holder in this store sees ``held.lost`` at once; one in another
-        process sees it at its next renewal (within ``lifetime/3``) or
-        ``ensure()``.
+        Every hold of this store that it revokes sees ``held.lost`` at once,
+        renewing or not; one in another process sees it at its next renewal
+        (within ``lifetime/3``) or ``ensure()``.
         """
         check_conversation_id(conversation_id)
-        reply = await self._eval(scripts.FORCE_RELEASE, self._space.keys(conversation_id))
-        if reply is None:
+        sent = time.monotonic()
+        reply = await self._eval(scripts.FORCE_RELEASE, self._space.keys(conversation_id), self._tag)
+        revoked = int(reply[0])
+        if not revoked:
             return None
         self._forced += 1
-        ticket = int(reply)
-        for hold in list(self._renewing):
-            if hold.conversation_id == conversation_id and hold._number == ticket:
-                hold._revoked = True
-                self._renewing.discard(hold)
-        return ticket
+        local = self._local.get(conversation_id)
+        if local is not None:
+            for hold in list(local.holds):
+                if hold._number == revoked:
+                    hold._revoked = True
+                    self._renewing.discard(hold)
+                    local.holds.discard(hold)
+            self._handed(conversation_id, reply, sent)
+            if not local.holds and not local.waiters:
+                self._local.pop(conversation_id, None)
+            elif conversation_id in self._local:
+                self._arrange(conversation_id, local)
+        return revoked
 
     async def ping(self) -> None:
         """Check that Redis answers within ``socket_timeout``; raise ``LockStoreUnavailable`` if not."""
         try:
-            async with asyncio.timeout(self._socket_timeout):
-                await self._client.execute_command("PING")
+            await self._commands.call("PING")
         except (RedisError, OSError, TimeoutError) as error:
             raise self._unavailable_error(error) from error
 
     async def aclose(self) -> None:
-        """Stop renewing, finish pending withdrawals, close an owned client.
+        """Stop renewing and reading wake-ups, finish pending withdrawals, close an owned client.
 
         Locks still held are not released; without renewal their leases end
         within ``lifetime``. Idempotent.
@@ -740,21 +1003,36 @@ class RedisLockStore(LockStore):
             except asyncio.CancelledError:
                 if (task := asyncio.current_task()) is not None and task.cancelling():
                     raise
+        await self._hub.aclose()
         if self._background:
             await asyncio.wait(set(self._background), timeout=self._socket_timeout * 2)
         if self._owns_client:
             await self._client.aclose()
 
     def statistics(self) -> Mapping[str, Any]:
-        """Counters since creation; ``held_renewing`` is the number of holds being renewed now."""
+        """Counters since creation, and what is in flight now.
+
+        ``held_renewing`` counts the leases being renewed now (holds and
+        waiters); ``local_handoffs`` counts grants made in-process by a
+        release reply; ``wakeups`` those read from Redis; ``fallback_waits``
+        waiters that no reader could watch.
+        """
         return {
             "backend": "redis",
             "target": self._where,
             "key_prefix": self._space.prefix,
+            "max_connections": self._max_connections,
             "held_renewing": len(self._renewing),
+            "conversations_in_flight": len(self._local),
+            "commands_in_flight": self._commands.in_flight,
+            "wakeup_readers": self._hub.readers,
+            "wakeup_reads": self._hub.reads,
+            "doorbells": self._hub.doorbells,
             "acquires_contended": self._contended,
             "wakeups": self._wakeups,
+            "local_handoffs": self._local_handoffs,
             "rechecks": self._rechecks,
+            "fallback_waits": self._fallback_waits,
             "requeued": self._requeued,
             "wait_timeouts": self._timeouts,
             "cancelled_waits": self._cancelled,
@@ -766,6 +1044,10 @@ class RedisLockStore(LockStore):
             "unavailable_errors": self._unavailable,
             "pending_withdrawals": len(self._background),
         }
+
+
+def _ticket_of(hold: _RedisHold) -> int:
+    return hold._number
 
 
 def _may_have_run(error: LockStoreUnavailable) -> bool:
