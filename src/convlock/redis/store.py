@@ -273,7 +273,10 @@ class _RedisHold(HeldLock):
         store._renewing.discard(self)
         store._unhold(self)
         if self._revoked:
-            return  # a renewal, ensure() or force_release saw it revoked: nothing to release
+            # A renewal, ensure() or force_release saw it revoked: nothing
+            # to release, but our waiters no longer have a local hold ahead.
+            store._rearrange(self.conversation_id)
+            return
         sent = time.monotonic()
         try:
             reply = await store._eval(scripts.RELEASE, self._keys, self._number, 0, store._tag)
@@ -292,10 +295,12 @@ class _RedisHold(HeldLock):
                 error,
                 self._lifetime,
             )
+            store._rearrange(self.conversation_id)
         else:
             if type(reply) is not int:
                 store._handed(self.conversation_id, reply, sent)
-        self._deadline = -math.inf
+        finally:
+            self._deadline = -math.inf
 
 
 class _Local:
@@ -531,6 +536,11 @@ class RedisLockStore(LockStore):
         if not local.holds and not local.waiters:
             del self._local[hold.conversation_id]
 
+    def _rearrange(self, conversation_id: str) -> None:
+        local = self._local.get(conversation_id)
+        if local is not None:
+            self._arrange(conversation_id, local)
+
     def _enqueue(self, hold: _RedisHold) -> _Local:
         local = self._local.get(hold.conversation_id)
         if local is None:
@@ -611,6 +621,9 @@ class RedisLockStore(LockStore):
             front = local.waiters[0]
             front._holder_ends = time.monotonic() + left_us / _US
             front._wake()
+        # The lock went to another process (or nobody): our first waiter
+        # must now hear from Redis.
+        self._arrange(conversation_id, local)
 
     def _dispatch(self, key: str, message: bytes) -> None:
         """A wake-up message read by the hub for list ``key``."""
