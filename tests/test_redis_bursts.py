@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +53,9 @@ class _PeakClients:
 
 
 @pytest.fixture
-def burst_redis(fresh_redis: RedisProcess) -> Iterator[RedisProcess]:
+def burst_redis(fresh_redis: RedisProcess) -> RedisProcess:
     """A server of its own, so that every client it counts is the test's."""
-    yield fresh_redis
+    return fresh_redis
 
 
 def _keys(proc: RedisProcess) -> list[str]:
