@@ -1018,7 +1018,12 @@ class RedisLockStore(LockStore):
                     raise
         await self._hub.aclose()
         if self._background:
-            await asyncio.wait(set(self._background), timeout=self._socket_timeout * 2)
+            _, pending = await asyncio.wait(set(self._background), timeout=self._socket_timeout * 2)
+            # Redis did not answer in time: those tickets lapse with their leases.
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
         if self._owns_client:
             await self._client.aclose()
 
