@@ -13,7 +13,6 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -40,10 +39,10 @@ async def _until_no_keys(proc: RedisProcess, timeout: float = 3.0) -> None:
 
 
 @pytest.fixture
-def slow_tick(fresh_redis: RedisProcess) -> Iterator[RedisProcess]:
+def slow_tick(fresh_redis: RedisProcess) -> RedisProcess:
     """A server whose timer ticks once a second (``hz 1``): blocking reads time out late."""
     fresh_redis.command("CONFIG", "SET", "hz", "1")
-    yield fresh_redis
+    return fresh_redis
 
 
 def _dead_ticket(proc: RedisProcess, conversation_id: str, lease: float) -> tuple[int, float, float]:
@@ -73,7 +72,7 @@ async def test_a_client_passed_in_never_resends_a_draw_that_timed_out(fresh_redi
             pass
         fresh_redis.command("CLIENT", "PAUSE", 1200)
         started = time.monotonic()
-        with pytest.raises(LockStoreUnavailable, match="socket_timeout=0.5"):
+        with pytest.raises(LockStoreUnavailable, match=r"socket_timeout=0\.5"):
             async with store.lock("resend"):
                 pytest.fail("granted while Redis was paused")
         assert time.monotonic() - started < 1.0
@@ -217,7 +216,8 @@ async def test_every_key_has_a_ttl_and_numbers_are_integer_strings(fresh_redis: 
             numbers = {field: value for field, value in state.items() if not field.startswith("o")}
             assert all(value.isdigit() for value in numbers.values()), numbers
             snapshot = await store.inspect("ttl")
-            assert snapshot is not None and snapshot.serving is not None
+            assert snapshot is not None
+            assert snapshot.serving is not None
             assert snapshot.serving.expires_in > longest - 60
         await asyncio.wait_for(waiter, 5)
     finally:
