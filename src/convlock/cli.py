@@ -93,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds to let messages in flight finish on SIGTERM (default: handler timeout + 10)",
     )
+    run.add_argument(
+        "--max-waiting-per-conversation",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="messages of one conversation that may wait for its lock in this process; more get 429 "
+        "with Retry-After (default 100)",
+    )
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -123,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         handler_timeout=args.handler_timeout,
         auth_token=args.auth_token or None,
         workers=args.workers,
+        max_waiting_per_conversation=args.max_waiting_per_conversation,
     )
     ctx = build_context(options)  # raises ConfigError before anything listens
     shutdown_timeout = args.shutdown_timeout or args.handler_timeout + 10

@@ -6,6 +6,13 @@ under ``handler_timeout``, save events and state fenced by the same ticket,
 release. Whatever goes wrong, the lock is released by leaving the ``async
 with`` block and nothing is saved unless the handler finished in time.
 
+Back-pressure: at most ``--max-waiting-per-conversation`` messages of one
+conversation wait for its lock in one process. Past that, a message gets 429
+with ``Retry-After`` and nothing is stored (outcome ``overloaded``): a
+flooding client (a retrying webhook, a bot loop) cannot queue without bound,
+and other conversations, whose locks and connections are separate, do not
+notice it.
+
 Outcomes: 200 with the responses; 409 when the tracker refused this ticket
 as stale (the lease lapsed or was revoked and a newer holder took over);
 504 when the handler ran out of time; 500 when it raised or returned
@@ -73,6 +80,19 @@ async def process_message(
     """
     parts: dict[str, float] = timing.parts if timing is not None else {}
     metrics = ctx.metrics
+    cid = message.sender
+    waiting = ctx.waiting.get(cid, 0)
+    if waiting >= ctx.max_waiting:
+        metrics.messages.labels("overloaded").inc()
+        raise ApiError(
+            429,
+            "too_many_waiting",
+            f"{waiting} messages of this conversation already wait for its lock on this server (the "
+            "limit is --max-waiting-per-conversation); nothing was stored: retry later",
+            headers={"Retry-After": "1"},
+        )
+    ctx.waiting[cid] = waiting + 1
+    queued = True
     metrics.in_flight.inc()
     ctx.in_flight += 1
     ctx.idle.clear()
@@ -80,7 +100,8 @@ async def process_message(
     start = time.perf_counter()
     acquired = released = 0.0
     try:
-        async with ctx.lock_store.lock(message.sender) as held:
+        async with ctx.lock_store.lock(cid) as held:
+            queued = _unqueue(ctx, cid)
             acquired = time.perf_counter()
             parts["lock"] = acquired - start
             metrics.lock_wait.observe(acquired - start)
@@ -120,6 +141,8 @@ async def process_message(
             headers={"Retry-After": "1"},
         ) from None
     finally:
+        if queued:
+            _unqueue(ctx, cid)
         if acquired:
             metrics.lock_hold.observe((released or time.perf_counter()) - acquired)
         metrics.messages.labels(outcome).inc()
@@ -127,6 +150,16 @@ async def process_message(
         ctx.in_flight -= 1
         if not ctx.in_flight:
             ctx.idle.set()
+
+
+def _unqueue(ctx: ServerContext, cid: str) -> bool:
+    """Count one message of ``cid`` as no longer waiting; returns False (it is not queued now)."""
+    left = ctx.waiting[cid] - 1
+    if left:
+        ctx.waiting[cid] = left
+    else:
+        del ctx.waiting[cid]
+    return False
 
 
 async def _locked(

@@ -21,6 +21,8 @@ class ServerContext:
     ``auth_token`` guards the admin write endpoints (None: they are disabled).
     ``in_flight`` counts messages being processed; ``idle`` is set whenever it
     is 0, so shutdown can wait until every message has released its lock.
+    ``waiting`` counts, per conversation, messages of this process waiting for
+    its lock; past ``max_waiting`` a message is refused with 429.
     """
 
     lock_store: LockStore
@@ -30,6 +32,8 @@ class ServerContext:
     auth_token: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0
+    max_waiting: int = 100
+    waiting: dict[str, int] = field(default_factory=dict)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:

@@ -7,7 +7,8 @@ Names (all prefixed ``convlock_``):
   template (``/locks/{conversation_id}``), so IDs never become labels;
 * ``messages_total{outcome}``: webhook messages by outcome: ``ok``,
   ``stale`` (409), ``handler_timeout`` (504), ``handler_error`` (500),
-  ``lock_timeout`` and ``unavailable`` (503);
+  ``lock_timeout`` and ``unavailable`` (503), ``overloaded`` (429: too many
+  messages of one conversation waiting);
 * ``messages_in_flight``: messages being processed now;
 * ``lock_wait_seconds``: from drawing a ticket to holding the lock;
 * ``lock_hold_seconds``: from holding the lock to having released it;

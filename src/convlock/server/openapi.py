@@ -127,6 +127,10 @@ def openapi_document(version: str) -> dict[str, Any]:
                         ),
                         "413": _error(f"The body is over {MAX_BODY_BYTES} bytes"),
                         "422": _error("A field is missing or has the wrong type or size"),
+                        "429": _error(
+                            "Too many messages of this conversation wait on this server "
+                            "(--max-waiting-per-conversation); nothing stored, retry after Retry-After"
+                        ),
                         "500": _error("The handler raised; state unchanged"),
                         "503": _UNAVAILABLE,
                         "504": _error("The handler ran past --handler-timeout; state unchanged"),

@@ -36,6 +36,7 @@ class ServerOptions:
     handler_timeout: float | None = 30.0
     auth_token: str | None = None
     workers: int = 1
+    max_waiting_per_conversation: int = 100
 
     def to_environment(self) -> str:
         """JSON for :data:`OPTIONS_ENV`."""
@@ -67,6 +68,7 @@ def build_context(options: ServerOptions) -> ServerContext:
         handler=handler,
         handler_timeout=options.handler_timeout,
         auth_token=options.auth_token,
+        max_waiting=options.max_waiting_per_conversation,
     )
 
 
