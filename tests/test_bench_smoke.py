@@ -36,11 +36,13 @@ def test_memory_bench_prints_both_ratios() -> None:
 
 def test_redis_bench_prints_its_figures() -> None:
     # It starts and stops its own redis-server, and cleans up after itself.
-    result = run_bench("redis_lock.py", "--blocks", "2", "--handoffs", "30")
+    result = run_bench("redis_lock.py", "--blocks", "2", "--handoffs", "30", "--waiters", "50")
     assert result.returncode in (0, 1), result.stderr  # 1 only means a target was missed
     lines = result.stdout.splitlines()
     assert any(line.startswith("uncontended") and "ratio" in line for line in lines), result.stdout
     assert any(line.startswith("hand-off") and "p99" in line for line in lines), result.stdout
+    assert any(line.startswith("burst") and "ratio" in line for line in lines), result.stdout
+    assert any(line.startswith("connections") and "peak" in line for line in lines), result.stdout
     assert "keys left in Redis: 0" in lines, result.stdout
 
 
