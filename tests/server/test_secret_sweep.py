@@ -20,14 +20,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis_procs
-from redis_procs import RedisProcess
 from server_procs import ServerProcess, start_server, write_endpoints
 
+import redis_procs
 from convlock.config import LockStoreSettings, parse_settings
 from convlock.redact import mask_url, redact
 from convlock.server.access import AccessSettings
 from convlock.server.options import ServerOptions
+from redis_procs import RedisProcess
 
 WEBHOOK = "/webhooks/rest/webhook"
 SUFFIX = uuid.uuid4().hex[:10]
@@ -120,7 +120,8 @@ def test_no_secret_or_message_text_in_any_output(tmp_path: Path, log_level: str)
     log = server.log()
     # The run did what we meant: handler failures and the outage are in the log.
     assert "handler failed for conversation 'sweep'" in log, log
-    assert "ValueError" in log and "TypeError" in log, log
+    assert "ValueError" in log, log
+    assert "TypeError" in log, log
     assert re.search(r"incident [0-9a-f]{12}", log), log
     for reply in replies:
         assert_clean(reply, "a reply")

@@ -14,18 +14,21 @@ import fcntl
 import ipaddress
 import json
 import re
+import shutil
 import socket
 import struct
+import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis_procs
 from server_procs import ServerProcess, start_server
 from starlette.routing import BaseRoute, Mount, Route
 
+import redis_procs
 from convlock.memory import InMemoryLockStore
 from convlock.server.access import SIGNATURE_HEADER, sign_body
 from convlock.server.app import build_app
@@ -122,10 +125,10 @@ def test_the_route_table_is_what_we_probe() -> None:
     assert ("GET", "/locks") in found
     assert ("DELETE", "/locks/{conversation_id:conversation_id}") in found
     assert ("GET", "/metrics") in found
-    assert EXPECTED_OPEN <= found
+    assert found >= EXPECTED_OPEN
 
 
-@pytest.mark.parametrize(("method", "template", "path"), probes(), ids=lambda v: str(v))
+@pytest.mark.parametrize(("method", "template", "path"), probes(), ids=str)
 def test_every_route_not_explicitly_open_needs_the_token(
     guarded: ServerProcess, method: str, template: str, path: str
 ) -> None:
@@ -203,7 +206,8 @@ def test_without_a_token_a_public_bind_serves_only_the_open_routes(tmp_path: Pat
     finally:
         assert server.stop() == 0
     log = server.log()
-    assert "without --auth-token" in log and "403" in log, log
+    assert "without --auth-token" in log, log
+    assert "answer 403" in log, log
 
 
 def test_without_a_token_loopback_keeps_the_readme_session_working(tmp_path: Path) -> None:
@@ -212,7 +216,8 @@ def test_without_a_token_loopback_keeps_the_readme_session_working(tmp_path: Pat
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.post(WEBHOOK, json={"sender": "alice", "message": "hello"}).json()[0]["text"] == "#1: hello"
             record = http.get("/conversations/alice/tracker")
-            assert record.status_code == 200 and record.json()["state"] == {"turns": 1}
+            assert record.status_code == 200
+            assert record.json()["state"] == {"turns": 1}
             assert http.get("/locks/alice").status_code == 200
             assert http.get("/locks").status_code == 200
             assert http.get("/metrics").status_code == 200
@@ -220,7 +225,8 @@ def test_without_a_token_loopback_keeps_the_readme_session_working(tmp_path: Pat
             assert "lock_store" in http.get("/health").json()
             # Force-release changes state: never without a token.
             refused = http.delete("/locks/alice")
-            assert refused.status_code == 403 and "--auth-token" in refused.json()["reason"]
+            assert refused.status_code == 403
+            assert "--auth-token" in refused.json()["reason"]
             # A reverse proxy on this host forwarding public traffic is not a local caller.
             for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
                 proxied = http.get("/conversations/alice/tracker", headers={header: "203.0.113.9"})
@@ -249,12 +255,14 @@ def test_the_webhook_token_guards_the_channel(tmp_path: Path) -> None:
     body = {"sender": "wt", "message": "hi"}
     try:
         missing = httpx.post(url, json=body)
-        assert missing.status_code == 401 and "--webhook-token" in missing.json()["reason"]
+        assert missing.status_code == 401
+        assert "--webhook-token" in missing.json()["reason"]
         assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
         # The admin token is not the channel's.
         assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 401
         ok = httpx.post(url, json=body, headers={"Authorization": "Bearer channel-token-1"})
-        assert ok.status_code == 200 and ok.json()[0]["text"] == "#1: hi"
+        assert ok.status_code == 200
+        assert ok.json()[0]["text"] == "#1: hi"
         assert httpx.post(url, json=body, params={"token": "channel-token-1"}).json()[0]["text"] == "#2: hi"
         record = httpx.get(f"{server.url}/conversations/wt/tracker", headers={"Authorization": f"Bearer {TOKEN}"})
         assert record.json()["state"] == {"turns": 2}, "refused messages were not processed"
@@ -271,10 +279,12 @@ def test_an_hmac_signature_guards_the_channel(tmp_path: Path) -> None:
     try:
         assert httpx.post(url, content=body).status_code == 401
         good = httpx.post(url, content=body, headers={SIGNATURE_HEADER: sign_body(secret, body)})
-        assert good.status_code == 200 and good.json()[0]["text"] == "#1: hello"
+        assert good.status_code == 200
+        assert good.json()[0]["text"] == "#1: hello"
         tampered = body.replace(b"hello", b"HELLO")
         forged = httpx.post(url, content=tampered, headers={SIGNATURE_HEADER: sign_body(secret, body)})
-        assert forged.status_code == 401 and SIGNATURE_HEADER in forged.json()["reason"]
+        assert forged.status_code == 401
+        assert SIGNATURE_HEADER in forged.json()["reason"]
         other_key = httpx.post(url, content=body, headers={SIGNATURE_HEADER: sign_body("other", body)})
         assert other_key.status_code == 401
 
@@ -284,7 +294,8 @@ def test_an_hmac_signature_guards_the_channel(tmp_path: Path) -> None:
             yield body[10:]
 
         streamed = httpx.post(url, content=chunks(), headers={SIGNATURE_HEADER: sign_body(secret, body)})
-        assert streamed.status_code == 200 and streamed.json()[0]["text"] == "#2: hello"
+        assert streamed.status_code == 200
+        assert streamed.json()[0]["text"] == "#2: hello"
         # Either configured mechanism lets a message in.
         by_token = httpx.post(url, content=body, headers={"Authorization": "Bearer or-this-token"})
         assert by_token.status_code == 200
@@ -307,7 +318,8 @@ def test_the_server_speaks_tls_with_the_given_certificate(tmp_path: Path) -> Non
         assert server.url.startswith("https://127.0.0.1:")
         response = httpx.post(f"{server.url}{WEBHOOK}", json={"sender": "tls", "message": "hi"},
                               verify=server.verify)
-        assert response.status_code == 200 and response.json()[0]["text"] == "#1: hi"
+        assert response.status_code == 200
+        assert response.json()[0]["text"] == "#1: hi"
         # Without the test CA, the certificate is not trusted.
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"{server.url}/health")
@@ -335,4 +347,45 @@ def test_bad_tls_flags_exit_2_naming_the_flag(
     argv = ["run", "--port", str(redis_procs.free_port())] + [a.replace("{bad}", str(bad)) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--ssl-" in err and message in err, err
+    assert "--ssl-" in err, err
+    assert message in err, err
+
+
+# -- what a browser makes of replies that echo user input
+
+XSS_ID = "<img src=x onerror=alert(1)>"
+
+
+def chromium_dom(url: str, tmp_path: Path) -> str:
+    """The DOM headless Chromium builds for ``url`` (after scripts, if any, ran)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary is None:
+        pytest.skip("headless Chromium not installed (scripts/test installs Debian's chromium as root)")
+    result = subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=2000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=90, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_replies_that_echo_an_id_render_as_text_in_chromium(tmp_path: Path) -> None:
+    """A conversation ID full of markup, echoed in JSON replies, shows as text and runs nothing.
+
+    The status page (issue 10) has its own Chromium test; this one covers the JSON
+    replies every route gives, which carry ``X-Content-Type-Options: nosniff``.
+    """
+    server = start_server(tmp_path)  # loopback, no token: the reads answer
+    try:
+        quoted = urllib.parse.quote(XSS_ID, safe="")
+        assert httpx.post(f"{server.url}{WEBHOOK}", json={"sender": XSS_ID, "message": XSS_ID}).status_code == 200
+        for path in (f"/conversations/{quoted}/tracker", f"/locks/{quoted}", f"/no-such/{quoted}"):
+            reply = httpx.get(f"{server.url}{path}")
+            assert reply.headers["x-content-type-options"] == "nosniff"
+            assert reply.headers["content-type"].startswith("application/json")
+            dom = chromium_dom(f"{server.url}{path}", tmp_path)
+            assert "&lt;img src=x onerror=alert(1)&gt;" in dom, dom
+            assert "<img" not in dom, dom
+    finally:
+        assert server.stop() == 0

@@ -201,6 +201,7 @@ class AccessMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        send = _nosniff(send)
         settings = self.settings
         headers = Headers(scope=scope)
         method = scope["method"]
@@ -296,6 +297,23 @@ class AccessMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _nosniff(send: Send) -> Send:
+    """Wrap ``send`` so every response says ``X-Content-Type-Options: nosniff``.
+
+    Replies echo IDs and paths inside JSON; a browser must never sniff such a
+    reply into HTML and run markup from it.
+    """
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            name = b"x-content-type-options"
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != name]
+            message = {**message, "headers": [*headers, (name, b"nosniff")]}
+        await send(message)
+
+    return wrapped
 
 
 def _unauthorized(given: str | None, flag: str, *, signed: bool = False) -> JSONResponse:
