@@ -168,6 +168,9 @@ def test_every_documented_route_is_in_the_swept_table(guarded: ServerProcess) ->
 
 def test_unknown_paths_and_the_openapi_document_need_the_token(guarded: ServerProcess) -> None:
     assert httpx.get(f"{guarded.url}/no/such/route").status_code == 401
+    # A wrong method on an open path says so; on a closed path it is refused like the path.
+    assert httpx.get(f"{guarded.url}{WEBHOOK}").status_code == 405
+    assert httpx.put(f"{guarded.url}/locks/x").status_code == 401
     assert httpx.get(f"{guarded.url}/openapi.json").status_code == 401
     assert httpx.get(f"{guarded.url}/status").status_code == 401
 

@@ -179,23 +179,20 @@ class AccessMiddleware:
         self.routes = routes  # the app's live list: routes added later are classified too
         self.settings = settings
 
-    def _template(self, scope: Scope) -> str | None:
+    def _route(self, scope: Scope) -> tuple[str | None, bool]:
+        """The template of the route the request reaches (None: none), and whether its method is wrong."""
         partial = None
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:
                 # Known now, so that a refusal is counted under its route in the metrics.
                 scope.setdefault("route", route)
-                return str(getattr(route, "path", "")) or None
+                return str(getattr(route, "path", "")) or None, False
             if match is Match.PARTIAL and partial is None:
                 partial = route
         if partial is not None:
-            # The path exists but not for this method (a 405 follows): open only if
-            # the path is open for some method, so that a wrong method there says so.
-            path = str(getattr(partial, "path", ""))
-            if any(template == path for _, template in OPEN_ROUTES):
-                return path
-        return None
+            return str(getattr(partial, "path", "")) or None, True
+        return None, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -205,15 +202,17 @@ class AccessMiddleware:
         settings = self.settings
         headers = Headers(scope=scope)
         method = scope["method"]
-        template = self._template(scope)
+        template, wrong_method = self._route(scope)
         access = settings.classify(method, template)
+        if wrong_method and any(path == template for _, path in OPEN_ROUTES):
+            access = Access.OPEN  # a 405 from an open path holds no data; let the router say it
         given = _given_token(scope, headers)
         local = settings.local_bind and _is_local_client(scope, headers)
         trusted = _same(given, settings.auth_token) if settings.auth_token is not None else local
         scope[_TRUSTED] = trusted
 
         if access is Access.OPEN:
-            if template == WEBHOOK_PATH and method == "POST":
+            if template == WEBHOOK_PATH and method == "POST" and not wrong_method:
                 await self._webhook(scope, receive, send, headers, given)
                 return
             await self.app(scope, receive, send)
