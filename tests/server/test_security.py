@@ -392,3 +392,13 @@ def test_replies_that_echo_an_id_render_as_text_in_chromium(tmp_path: Path) -> N
             assert "<img" not in dom, dom
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("192.0.2.2", False), ("no-such-host.invalid", False),
+])
+def test_only_loopback_binds_count_as_local(host: str, loopback: bool) -> None:
+    from convlock.server.access import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
