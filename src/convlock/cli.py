@@ -15,13 +15,19 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .server.access import AccessSettings
 
 __all__ = ["main"]
 
 DEFAULT_PORT = 5005
 AUTH_TOKEN_ENV = "CONVLOCK_AUTH_TOKEN"
+WEBHOOK_TOKEN_ENV = "CONVLOCK_WEBHOOK_TOKEN"
+WEBHOOK_HMAC_SECRET_ENV = "CONVLOCK_WEBHOOK_HMAC_SECRET"
 
 
 def _positive_float(text: str) -> float:
@@ -76,11 +82,31 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes (more than 1 needs Redis lock and tracker stores)",
     )
-    run.add_argument(
+    security = run.add_argument_group("security (see the README's Security section)")
+    security.add_argument(
         "--auth-token",
         default=os.environ.get(AUTH_TOKEN_ENV),
-        help=f"token for DELETE /locks/{{id}} (default ${AUTH_TOKEN_ENV}; unset disables it)",
+        help=f"token every route but the webhook, / and /health needs (default ${AUTH_TOKEN_ENV}); "
+        "unset: they answer on a loopback bind only, and force-release is off",
     )
+    security.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics without the token (for a scraper that cannot send one)",
+    )
+    security.add_argument(
+        "--webhook-token",
+        default=os.environ.get(WEBHOOK_TOKEN_ENV),
+        help=f"token the webhook then needs as a bearer header or ?token= (default ${WEBHOOK_TOKEN_ENV})",
+    )
+    security.add_argument(
+        "--webhook-hmac-secret",
+        default=os.environ.get(WEBHOOK_HMAC_SECRET_ENV),
+        help="shared secret: the webhook then needs X-Convlock-Signature: sha256=<HMAC-SHA256 of the body> "
+        f"(default ${WEBHOOK_HMAC_SECRET_ENV})",
+    )
+    security.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    security.add_argument("--ssl-keyfile", metavar="PEM", help="the private key of --ssl-certfile")
     run.add_argument(
         "--handler-timeout",
         type=_positive_float,
@@ -125,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port: got {args.port}; give a port between 1 and 65535")
+    _check_tls(args.ssl_certfile, args.ssl_keyfile)
     options = ServerOptions(
         endpoints=args.endpoints,
         handler=args.handler or DEFAULT_HANDLER,
@@ -132,8 +159,13 @@ def _run(args: argparse.Namespace) -> int:
         auth_token=args.auth_token or None,
         workers=args.workers,
         max_waiting_per_conversation=args.max_waiting_per_conversation,
+        host=args.host,
+        metrics_public=args.metrics_public,
+        webhook_token=args.webhook_token or None,
+        webhook_hmac_secret=args.webhook_hmac_secret or None,
     )
     ctx = build_context(options)  # raises ConfigError before anything listens
+    _warn_about_access(args.host, ctx.access)
     shutdown_timeout = args.shutdown_timeout or args.handler_timeout + 10
     common = {
         "host": args.host,
@@ -142,6 +174,8 @@ def _run(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": shutdown_timeout,
         "access_log": args.log_level == "debug",
         "server_header": False,
+        "ssl_certfile": args.ssl_certfile,
+        "ssl_keyfile": args.ssl_keyfile,
     }
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore)
@@ -160,6 +194,50 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def _check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """Refuse TLS files that uvicorn could not load, naming the flag, before anything listens."""
+    if certfile is None and keyfile is None:
+        return
+    if certfile is None or keyfile is None:
+        raise ConfigError(
+            "--ssl-certfile and --ssl-keyfile go together; give both to serve HTTPS, or neither"
+        )
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"--ssl-certfile/--ssl-keyfile: {exc.filename or 'a file'} does not exist; give PEM files"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--ssl-certfile/--ssl-keyfile: cannot load the certificate and key ({type(exc).__name__}: "
+            f"{getattr(exc, 'reason', None) or exc.strerror or 'bad PEM'}); give a PEM certificate and "
+            "its matching unencrypted PEM key"
+        ) from None
+
+
+def _warn_about_access(host: str, access: AccessSettings) -> None:
+    log = logging.getLogger("convlock.server")
+    if not access.local_bind and access.auth_token is None:
+        log.warning(
+            "listening on %s without --auth-token: tracker, lock, metrics and OpenAPI routes answer 403 "
+            "and force-release is off; set --auth-token (or $%s) to enable them",
+            host,
+            AUTH_TOKEN_ENV,
+        )
+    if not access.local_bind and access.webhook_token is None and access.webhook_hmac_secret is None:
+        log.info(
+            "the webhook is open to anyone who can reach %s; --webhook-token or --webhook-hmac-secret "
+            "authenticates it",
+            host,
+        )
+    if access.metrics_public:
+        log.info("--metrics-public: /metrics answers without the token")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convlock`` console script; returns the exit status."""
     args = _parser().parse_args(list(argv) if argv is not None else None)
@@ -168,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from .redact import install_log_redaction, register_secret
+
+    for name in ("auth_token", "webhook_token", "webhook_hmac_secret"):
+        register_secret(getattr(args, name, None))
+    install_log_redaction()
     try:
         return _run(args)
     except ConfigError as exc:

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .redact import MASK, mask_url, register_secret
 
 __all__ = [
     "LockStoreSettings",
@@ -132,6 +133,12 @@ class _Settings(BaseModel):
 
     type: str = "in_memory"
 
+    def __repr_args__(self) -> Any:
+        # An unknown key may be a misspelt "password": show that it is there, never its value.
+        extra = self.model_extra or {}
+        for name, value in super().__repr_args__():
+            yield name, (MASK if name in extra else value)
+
     def unknown_keys(self) -> list[str]:
         """The keys that no field claimed, in file order."""
         return list(self.model_extra or {})
@@ -150,7 +157,8 @@ class RedisSettings(_Settings):
     url: str = Field(default="localhost", validation_alias="host", min_length=1)
     port: int = Field(default=6379, ge=1, le=65535)
     db: int = Field(default=1, ge=0)
-    password: OptionalText = None
+    #: Kept out of reprs and registered for log redaction (see convlock.redact).
+    password: OptionalText = Field(default=None, repr=False)
     username: OptionalText = None
     use_ssl: bool = False
     ssl_keyfile: OptionalText = None
@@ -175,6 +183,12 @@ class RedisSettings(_Settings):
         if isinstance(data, Mapping) and "url" in data:
             data = {("host" if key == "url" else key): value for key, value in data.items()}
         return data
+
+    @field_validator("password")
+    @classmethod
+    def _remember_password(cls, value: str | None) -> str | None:
+        register_secret(value)
+        return value
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -250,9 +264,15 @@ class LockStoreSettings(StoreSettings):
     wait_timeout: OptionalSeconds = None
 
 
-def describe(value: Any) -> str:
-    """A short, safe rendering of a config value for an error message."""
-    text = repr(value)
+#: Keys whose values are never quoted back in an error message.
+SECRET_KEYS = frozenset({"password", "token", "secret", "auth_token", "sentinel_password"})
+
+
+def describe(value: Any, *, key: str = "") -> str:
+    """A short, safe rendering of a config value for an error message (secrets masked)."""
+    if key.rsplit(".", 1)[-1] in SECRET_KEYS:
+        return MASK
+    text = mask_url(repr(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -273,7 +293,8 @@ def parse_settings(model: type[_SettingsT], config: Mapping[str, Any], *, sectio
             key = f"{section}.{loc}" if loc else section
             message = error["msg"].removeprefix("Value error, ")
             if loc and "input" in error and error["type"] != "missing":
-                problems.append(f"{key}: got {describe(error['input'])}; {message[:1].lower()}{message[1:]}")
+                shown = describe(error["input"], key=loc)
+                problems.append(f"{key}: got {shown}; {message[:1].lower()}{message[1:]}")
             else:
                 problems.append(f"{key}: {message}")
         raise ConfigError(

@@ -9,7 +9,9 @@ with ``ctl:``, which misbehave on purpose:
 * ``ctl:bad``: return an object that is not a response;
 * ``ctl:nan``: put NaN (not JSON) into the state;
 * ``ctl:cancel``: change the state, then raise ``asyncio.CancelledError`` itself
-  (as a library whose own task was cancelled may), without being cancelled.
+  (as a library whose own task was cancelled may), without being cancelled;
+* ``ctl:leak:<text>``: raise an exception whose message quotes the text and a result;
+* ``ctl:unjson:<text>``: return a response holding the text and a value that is not JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ async def control(message: Message, conversation: Conversation) -> HandlerResult
     if text == "ctl:cancel":
         conversation.state["dirty"] = True
         raise asyncio.CancelledError("raised by the handler, not a cancellation of the request")
+    if text.startswith("ctl:leak:"):
+        raise ValueError(f"could not handle {text!r}; partial result: {['reply to ' + text]!r}")
+    if text.startswith("ctl:unjson:"):
+        return [{"text": text, "when": object()}]
     if text.startswith("ctl:sleep:"):
         conversation.state["dirty"] = True
         await asyncio.sleep(float(text.rsplit(":", 1)[1]))

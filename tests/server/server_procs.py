@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -50,11 +51,21 @@ def write_endpoints(path: Path, config: dict[str, Any]) -> Path:
 class ServerProcess:
     """One running ``convlock run``; ``url`` is its base URL."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        port: int,
+        log_path: Path,
+        *,
+        host: str = "127.0.0.1",
+        scheme: str = "http",
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
         self.popen = popen
         self.port = port
         self.log_path = log_path
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{scheme}://{host}:{port}"
+        self.verify = verify
 
     @property
     def pid(self) -> int:
@@ -72,7 +83,7 @@ class ServerProcess:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"convlock run exited with {self.popen.returncode}:\n{self.log()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=1.0, verify=self.verify).status_code == 200:
                     return
             time.sleep(0.05)
         raise RuntimeError(f"convlock run not ready after {timeout}s:\n{self.log()}")
@@ -110,14 +121,21 @@ def start_server(
     port: int | None = None,
     wait: bool = True,
     env: dict[str, str] | None = None,
+    host: str | None = None,
+    log_level: str = "warning",
+    tls_ca: Path | None = None,
 ) -> ServerProcess:
     """Start ``convlock run`` with ``args`` on a free port and (by default) wait until it is ready.
 
     The test handlers module in this folder is importable by the server.
+    ``host`` is passed as ``--host`` (default: the server's, 127.0.0.1);
+    ``tls_ca`` makes the URL ``https`` and verifies the server against it.
     """
     port = port or redis_procs.free_port()
     argv = [sys.executable, "-c", "import sys; from convlock.cli import main; sys.exit(main())", "run",
-            "--port", str(port), "--log-level", "warning", *args]
+            "--port", str(port), "--log-level", log_level, *args]
+    if host is not None:
+        argv += ["--host", host]
     if endpoints is not None:
         argv += ["--endpoints", str(endpoints)]
     if handler is not None:
@@ -129,7 +147,10 @@ def start_server(
     with log_path.open("wb") as log:
         popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment)
     _live[popen.pid] = popen
-    server = ServerProcess(popen, port, log_path)
+    server = ServerProcess(
+        popen, port, log_path, host=host or "127.0.0.1", scheme="https" if tls_ca else "http",
+        verify=ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True,
+    )
     if wait:
         try:
             server.wait_ready()

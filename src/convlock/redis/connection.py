@@ -34,6 +34,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from ..config import RedisSettings
 from ..errors import ConfigError
+from ..redact import mask_url
 
 __all__ = ["STALE_CHECK_KWARGS", "RedisClient", "create_client", "describe"]
 
@@ -163,5 +164,8 @@ def describe(settings: RedisSettings) -> str:
 
 
 def _host(host: str) -> str:
-    # An IPv6 address needs brackets to be told apart from its port.
+    # A URL pasted as the host may carry a password: mask it. An IPv6
+    # address needs brackets to be told apart from its port.
+    if "://" in host:
+        return mask_url(host)
     return f"[{host}]" if ":" in host else host

@@ -1,14 +1,14 @@
 """Read and admin endpoints: health, tracker, locks, force-release, metrics.
 
-Only ``DELETE /locks/{id}`` changes anything, so only it needs the token
-given with ``--auth-token`` (as ``Authorization: Bearer <token>`` or
-``?token=<token>``). Without a configured token, force-release is disabled.
+Who may call them is decided before routing, by :mod:`.access`: every one
+but ``/health`` needs the ``--auth-token`` when one is set, and
+force-release is off without one. ``/health`` is open as a probe and shows
+its per-store details only to a caller :func:`~.access.is_trusted` admits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from ..errors import LockError
 from ..ids import check_conversation_id
+from .access import is_trusted
 from .context import ServerContext
 from .metrics import CONTENT_TYPE
 from .responses import ApiError, JSONResponse
@@ -56,7 +57,11 @@ def _conversation_id(request: Request) -> str:
 
 
 async def health(request: Request) -> Response:
-    """200 when both stores answer a ping, else 503 naming the one that did not."""
+    """200 when both stores answer a ping, else 503.
+
+    A trusted caller (see :func:`~.access.is_trusted`) also gets each store's
+    backend and the reason it is down; anyone else only the overall status.
+    """
     ctx = _ctx(request)
     report: dict[str, object] = {}
     healthy = True
@@ -76,9 +81,10 @@ async def health(request: Request) -> Response:
                 "backend": backend,
                 "reason": str(exc) or type(exc).__name__,
             }
-    return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", **report}, status_code=200 if healthy else 503
-    )
+    body: dict[str, object] = {"status": "ok" if healthy else "unavailable"}
+    if is_trusted(request):
+        body.update(report)
+    return JSONResponse(body, status_code=200 if healthy else 503)
 
 
 async def tracker(request: Request) -> Response:
@@ -123,31 +129,9 @@ async def inspect_lock(request: Request) -> Response:
     return JSONResponse(snapshot.as_dict())
 
 
-def _check_token(request: Request, expected: str | None) -> None:
-    if expected is None:
-        raise ApiError(
-            403, "forbidden", "force-release is disabled; start convlock run with --auth-token to enable it"
-        )
-    given = request.query_params.get("token")
-    header = request.headers.get("authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        given = credentials.strip()
-    if given is None:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "give the --auth-token as 'Authorization: Bearer <token>' or '?token=<token>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8")):
-        raise ApiError(401, "unauthorized", "the token is wrong", headers={"WWW-Authenticate": "Bearer"})
-
-
 async def force_release(request: Request) -> Response:
-    """Revoke the conversation's holder and serve the next ticket; needs the auth token."""
+    """Revoke the conversation's holder and serve the next ticket (the access layer demands the token)."""
     ctx = _ctx(request)
-    _check_token(request, ctx.auth_token)
     cid = _conversation_id(request)
     try:
         revoked = await ctx.lock_store.force_release(cid)

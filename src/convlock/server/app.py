@@ -23,7 +23,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..redact import exception_summary, install_log_redaction
 from . import admin
+from .access import AccessMiddleware
 from .channel import webhook
 from .context import ServerContext
 from .openapi import openapi_document
@@ -93,7 +95,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    # The message may quote request data; it goes to the debug log only.
+    logger.error("unexpected error on %s %s: %s", request.method, request.url.path, exception_summary(exc))
+    logger.debug("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log")
 
 
@@ -142,6 +146,8 @@ def build_app(ctx: ServerContext) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # By now uvicorn (and any worker process) has set up its log handlers.
+        install_log_redaction()
         yield
         # The server has stopped accepting and the requests in flight have
         # finished, or were cancelled past the graceful timeout. uvicorn does
@@ -162,6 +168,9 @@ def build_app(ctx: ServerContext) -> Starlette:
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    # Inside the metrics middleware, so refusals are counted; it reads the live
+    # route list, so routes added after this line are closed by default too.
+    app.add_middleware(AccessMiddleware, routes=app.routes, settings=ctx.access)
     app.add_middleware(_MetricsMiddleware, ctx=ctx)
     return app
 

@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import LockStoreUnavailable, LockTimeoutError
+from ..redact import exception_summary
 from .context import ServerContext
 from .conversation import Conversation, Message
 from .handlers import normalize_responses
@@ -242,12 +244,20 @@ async def _locked(
 
 
 def _handler_error(conversation_id: str, exc: BaseException) -> ApiError:
-    # Logged with its traceback here, where it is still being handled.
-    logger.exception("handler failed for conversation %r; state left unchanged", conversation_id)
-    detail = f"{type(exc).__name__}: {exc}"
+    # Logged here, where it is still being handled. The exception's message
+    # may quote the user's text or the handler's results, so it goes to the
+    # debug log only; the error log and the reply name its type and an ID.
+    incident = uuid.uuid4().hex[:12]
+    logger.error(
+        "handler failed for conversation %r (incident %s); state left unchanged: %s",
+        conversation_id,
+        incident,
+        exception_summary(exc),
+    )
+    logger.debug("handler failure %s in full", incident, exc_info=exc)
     return ApiError(
         500,
         "handler_error",
-        f"the handler failed ({detail[:500]}); the conversation's state is unchanged "
-        "and its lock was released",
+        f"the handler failed ({type(exc).__name__}, incident {incident} in the server log); the "
+        "conversation's state is unchanged and its lock was released",
     )

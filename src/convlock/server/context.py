@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..store import LockStore
+from .access import AccessSettings
 from .handlers import Handler
 from .metrics import ServerMetrics
 from .tracker import TrackerStore
@@ -18,7 +20,8 @@ class ServerContext:
     """Stores, handler and options of one running app (``request.app.state.ctx``).
 
     ``handler_timeout`` bounds each handler call in seconds (None: no bound).
-    ``auth_token`` guards the admin write endpoints (None: they are disabled).
+    ``auth_token`` is the ``--auth-token`` (None: none set); ``access`` holds it
+    with the other access options that :mod:`.access` enforces.
     ``in_flight`` counts messages being processed; ``idle`` is set whenever it
     is 0, so shutdown can wait until every message has released its lock.
     ``waiting`` counts, per conversation, messages of this process waiting for
@@ -29,7 +32,8 @@ class ServerContext:
     tracker_store: TrackerStore
     handler: Handler
     handler_timeout: float | None = 30.0
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    access: AccessSettings = field(default_factory=AccessSettings)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0
     max_waiting: int = 100
@@ -38,3 +42,5 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         self.idle.set()
+        if self.auth_token is not None and self.access.auth_token is None:
+            self.access = dataclasses.replace(self.access, auth_token=self.auth_token)

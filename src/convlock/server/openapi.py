@@ -98,6 +98,28 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+#: Operations anyone may call (see convlock.server.access); every other one needs the token.
+_OPEN_OPERATIONS = {("post", "/webhooks/rest/webhook"), ("get", "/health")}
+_TOKEN_RESPONSES = {
+    "401": _error("The --auth-token is missing or wrong (as a bearer header or ?token=)"),
+    "403": _error(
+        "No --auth-token is set and this route is off: a non-loopback bind, a proxied request, "
+        "or a route that changes state"
+    ),
+}
+
+
+def _guard(paths: dict[str, Any]) -> dict[str, Any]:
+    """Mark every operation but the open ones as needing the token, with its 401 and 403."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if (method, path) in _OPEN_OPERATIONS:
+                continue
+            operation["security"] = [{"bearerAuth": []}, {"tokenQuery": []}]
+            operation["responses"] = {**operation["responses"], **_TOKEN_RESPONSES}
+    return paths
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     """The OpenAPI 3.0.3 document of ``convlock run``'s HTTP API."""
     return {
@@ -108,11 +130,13 @@ def openapi_document(version: str) -> dict[str, Any]:
             "description": "A chat message server whose replicas share per-conversation ticket locks "
             "and fenced conversation state.",
         },
-        "paths": {
+        "paths": _guard({
             "/webhooks/rest/webhook": {
                 "post": {
                     "operationId": "sendMessage",
                     "summary": "Process one message of a conversation and return the bot's responses",
+                    "description": "Open unless the server has --webhook-token (bearer header or ?token=) "
+                    "or --webhook-hmac-secret (X-Convlock-Signature: sha256=<hex HMAC-SHA256 of the body>)",
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("WebhookRequest")}},
@@ -122,6 +146,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                             {"type": "array", "items": _ref("BotResponse")}, "The handler's responses"
                         ),
                         "400": _error("The body is not valid JSON, or the client left before it ended"),
+                        "401": _error("The webhook token or signature is missing or wrong (when configured)"),
                         "409": _error(
                             "This message's lock lease lapsed and a newer holder took over; nothing saved"
                         ),
@@ -140,7 +165,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/health": {
                 "get": {
                     "operationId": "health",
-                    "summary": "Ping the lock and tracker stores",
+                    "summary": "Ping the lock and tracker stores (per-store details for token holders only)",
                     "responses": {
                         "200": _json(_ref("Health"), "Both stores answer"),
                         "503": _json(_ref("Health"), "A store does not answer"),
@@ -203,7 +228,6 @@ def openapi_document(version: str) -> dict[str, Any]:
                             "description": "The auth token, if not given as a bearer header",
                         },
                     ],
-                    "security": [{"bearerAuth": []}, {}],
                     "responses": {
                         "200": _json(
                             {
@@ -216,8 +240,6 @@ def openapi_document(version: str) -> dict[str, Any]:
                             },
                             "The revoked ticket, or null if nothing was held",
                         ),
-                        "401": _error("The token is missing or wrong"),
-                        "403": _error("The server has no --auth-token: force-release is disabled"),
                         "422": _error("The conversation ID is too long, or not UTF-8 once %-decoded"),
                         "503": _UNAVAILABLE,
                     },
@@ -235,9 +257,12 @@ def openapi_document(version: str) -> dict[str, Any]:
                     },
                 }
             },
-        },
+        }),
         "components": {
             "schemas": _SCHEMAS,
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+                "tokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
+            },
         },
     }

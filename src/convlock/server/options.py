@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import load_endpoints
 from ..errors import ConfigError
 from ..factory import create_lock_store
 from ..memory import InMemoryLockStore
+from ..redact import register_secret
+from .access import AccessSettings, local_bind
 from .context import ServerContext
 from .handlers import DEFAULT_HANDLER, load_handler
 from .tracker import InMemoryTrackerStore
@@ -29,14 +31,33 @@ OPTIONS_ENV = "CONVLOCK_RUN_OPTIONS"
 
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
-    """What ``convlock run`` was asked for, in a form that survives a trip through JSON."""
+    """What ``convlock run`` was asked for, in a form that survives a trip through JSON.
+
+    Tokens and secrets stay out of the repr.
+    """
 
     endpoints: str | None = None
     handler: str = DEFAULT_HANDLER
     handler_timeout: float | None = 30.0
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
     workers: int = 1
     max_waiting_per_conversation: int = 100
+    host: str = "127.0.0.1"
+    metrics_public: bool = False
+    webhook_token: str | None = field(default=None, repr=False)
+    webhook_hmac_secret: str | None = field(default=None, repr=False)
+
+    def access(self) -> AccessSettings:
+        """The access options these imply; registers the secrets for log redaction."""
+        for secret in (self.auth_token, self.webhook_token, self.webhook_hmac_secret):
+            register_secret(secret)
+        return AccessSettings(
+            auth_token=self.auth_token,
+            webhook_token=self.webhook_token,
+            webhook_hmac_secret=self.webhook_hmac_secret,
+            metrics_public=self.metrics_public,
+            local_bind=local_bind(self.host),
+        )
 
     def to_environment(self) -> str:
         """JSON for :data:`OPTIONS_ENV`."""
@@ -56,6 +77,7 @@ class ServerOptions:
 
 def build_context(options: ServerOptions) -> ServerContext:
     """Build the stores and load the handler; raise ``ConfigError`` for a setup that cannot work."""
+    access = options.access()  # first, so that secrets are masked in any error that follows
     config = load_endpoints(options.endpoints) if options.endpoints else {}
     handler = load_handler(options.handler)
     lock_store = create_lock_store(config.get("lock_store"))
@@ -69,6 +91,7 @@ def build_context(options: ServerOptions) -> ServerContext:
         handler_timeout=options.handler_timeout,
         auth_token=options.auth_token,
         max_waiting=options.max_waiting_per_conversation,
+        access=access,
     )
 
 

@@ -1,0 +1,326 @@
+"""Who may call which route: one ASGI middleware in front of every route, closed by default.
+
+Every request passes through :class:`AccessMiddleware` before routing. It
+finds the route the request would reach (the app's own route table, so a
+route added later is covered with no further work) and gives it a class:
+
+* ``open``: anyone. Only the routes listed in :data:`OPEN_ROUTES`: the chat
+  channel, ``GET /`` (name and version) and ``GET /health`` (whose details
+  are shown only to a caller who may see private routes; see
+  :func:`is_trusted`). ``GET /metrics`` joins them with ``--metrics-public``.
+* ``private``: any other ``GET``/``HEAD``, and unknown paths. With
+  ``--auth-token`` set, they need the token. Without one, they answer only a
+  *local* caller (see below) and everyone else gets 403.
+* ``admin``: any other method (force-release, and whatever write route is
+  added later). Always needs the token; without a configured token they are
+  off (403 saying to set ``--auth-token``).
+
+The token comes as ``Authorization: Bearer <token>`` or ``?token=<token>``
+(the spec's framework's way) and is compared in constant time.
+
+A caller is *local* when the server listens on a loopback address only, the
+connection comes from a loopback address, and the request carries no
+``Forwarded``/``X-Forwarded-For``/``X-Real-IP`` header: a reverse proxy on
+the same host that forwards public traffic to a loopback bind is not local.
+``CONVLOCK_TREAT_BIND_AS_PUBLIC=1`` makes a loopback bind count as public
+(for tests on machines with no other address; it only ever closes routes).
+
+The chat channel can be authenticated too: ``--webhook-token`` (same two
+ways of sending it) and/or ``--webhook-hmac-secret``, an
+``X-Convlock-Signature: sha256=<hex>`` header carrying HMAC-SHA256 of the
+raw body. When both are set, either one lets a message in. The body is read
+(up to the channel's limit) and checked before the channel sees a byte.
+Open question: the signature carries no timestamp, so a captured request
+can be replayed; the message ID of the delivery work (issue 14) is what
+makes a replay harmless.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import ipaddress
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .responses import JSONResponse, error_response
+from .validation import MAX_BODY_BYTES
+
+__all__ = [
+    "FORCE_PUBLIC_ENV",
+    "OPEN_ROUTES",
+    "SIGNATURE_HEADER",
+    "Access",
+    "AccessMiddleware",
+    "AccessSettings",
+    "is_loopback_host",
+    "is_trusted",
+    "sign_body",
+]
+
+#: Set to 1 to treat a loopback bind as public (tests on machines with only a loopback address).
+FORCE_PUBLIC_ENV = "CONVLOCK_TREAT_BIND_AS_PUBLIC"
+#: The header that carries the webhook body's HMAC: ``sha256=<hex digest>``.
+SIGNATURE_HEADER = "X-Convlock-Signature"
+WEBHOOK_PATH = "/webhooks/rest/webhook"
+
+#: (method, route template) pairs anyone may call. Everything else is closed.
+OPEN_ROUTES: frozenset[tuple[str, str]] = frozenset(
+    {("POST", WEBHOOK_PATH), ("GET", "/"), ("GET", "/health")}
+)
+_FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+#: Request scope key set to True when the caller may see private routes.
+_TRUSTED = "convlock.trusted"
+
+
+class Access(enum.Enum):
+    """A route's class: who may call it (see the module docstring)."""
+
+    OPEN = "open"
+    PRIVATE = "private"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessSettings:
+    """The access options of one server; secrets stay out of the repr.
+
+    ``local_bind`` is true when the server listens on loopback addresses only.
+    """
+
+    auth_token: str | None = field(default=None, repr=False)
+    webhook_token: str | None = field(default=None, repr=False)
+    webhook_hmac_secret: str | None = field(default=None, repr=False)
+    metrics_public: bool = False
+    local_bind: bool = True
+
+    def classify(self, method: str, template: str | None) -> Access:
+        """The class of ``method`` on the route ``template`` (None: no route matched)."""
+        method = "GET" if method == "HEAD" else method
+        if template is not None and (method, template) in OPEN_ROUTES:
+            return Access.OPEN
+        if template == "/metrics" and self.metrics_public and method == "GET":
+            return Access.OPEN
+        return Access.PRIVATE if method == "GET" else Access.ADMIN
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding to ``host`` listens on loopback addresses only (names are resolved)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses)
+
+
+def local_bind(host: str) -> bool:
+    """``is_loopback_host(host)``, unless :data:`FORCE_PUBLIC_ENV` says to treat every bind as public."""
+    return is_loopback_host(host) and os.environ.get(FORCE_PUBLIC_ENV, "") not in {"1", "true", "yes"}
+
+
+def sign_body(secret: str, body: bytes) -> str:
+    """The :data:`SIGNATURE_HEADER` value for ``body``: ``sha256=`` and the HMAC-SHA256 hex digest."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def is_trusted(request: Request) -> bool:
+    """Whether this request's caller may see private routes (used by open routes to show details)."""
+    return bool(request.scope.get(_TRUSTED, False))
+
+
+def _given_token(scope: Scope, headers: Headers) -> str | None:
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    query = bytes(scope.get("query_string", b"")).decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "token":
+            return value
+    return None
+
+
+def _same(given: str | None, expected: str | None) -> bool:
+    if given is None or expected is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
+def _is_local_client(scope: Scope, headers: Headers) -> bool:
+    if any(name in headers for name in _FORWARDING_HEADERS):
+        return False
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(str(client[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class AccessMiddleware:
+    """Applies :class:`AccessSettings` to every HTTP request before it reaches a route."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute], settings: AccessSettings) -> None:
+        self.app = app
+        self.routes = routes  # the app's live list: routes added later are classified too
+        self.settings = settings
+
+    def _route(self, scope: Scope) -> tuple[str | None, bool]:
+        """The template of the route the request reaches (None: none), and whether its method is wrong."""
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                # Known now, so that a refusal is counted under its route in the metrics.
+                scope.setdefault("route", route)
+                return str(getattr(route, "path", "")) or None, False
+            if match is Match.PARTIAL and partial is None:
+                partial = route
+        if partial is not None:
+            return str(getattr(partial, "path", "")) or None, True
+        return None, False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = _nosniff(send)
+        settings = self.settings
+        headers = Headers(scope=scope)
+        method = scope["method"]
+        template, wrong_method = self._route(scope)
+        access = settings.classify(method, template)
+        if wrong_method and any(path == template for _, path in OPEN_ROUTES):
+            access = Access.OPEN  # a 405 from an open path holds no data; let the router say it
+        given = _given_token(scope, headers)
+        local = settings.local_bind and _is_local_client(scope, headers)
+        trusted = _same(given, settings.auth_token) if settings.auth_token is not None else local
+        scope[_TRUSTED] = trusted
+
+        if access is Access.OPEN:
+            if template == WEBHOOK_PATH and method == "POST" and not wrong_method:
+                await self._webhook(scope, receive, send, headers, given)
+                return
+            await self.app(scope, receive, send)
+            return
+        if settings.auth_token is None:
+            if access is Access.ADMIN:
+                reason = (
+                    f"{method} here changes state and is disabled; start convlock run with "
+                    "--auth-token (or $CONVLOCK_AUTH_TOKEN) to enable it"
+                )
+                if template == "/locks/{conversation_id:conversation_id}":
+                    reason = "force-release is disabled; start convlock run with --auth-token to enable it"
+                await error_response(403, "forbidden", reason)(scope, receive, send)
+                return
+            if not local:
+                await error_response(
+                    403,
+                    "forbidden",
+                    "this route shows conversation data or IDs and is off on a server that listens on a "
+                    "non-loopback address without a token (or behind a proxy); start convlock run with "
+                    "--auth-token (or $CONVLOCK_AUTH_TOKEN) and send it as 'Authorization: Bearer <token>'",
+                )(scope, receive, send)
+                return
+        elif not trusted:
+            await _unauthorized(given, "--auth-token")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _webhook(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, given: str | None
+    ) -> None:
+        token, secret = self.settings.webhook_token, self.settings.webhook_hmac_secret
+        if token is None and secret is None:
+            await self.app(scope, receive, send)
+            return
+        if token is not None and _same(given, token):
+            await self.app(scope, receive, send)
+            return
+        signature = headers.get(SIGNATURE_HEADER)
+        if secret is None or signature is None:
+            await _unauthorized(given, "--webhook-token", signed=secret is not None)(scope, receive, send)
+            return
+        # Read the whole body (bounded) before the channel sees any of it.
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await self.app(scope, receive, send)  # refused by its declared length, unread
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; nobody reads an answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                await error_response(
+                    413, "body_too_large", f"the body exceeds the limit of {MAX_BODY_BYTES} bytes (1 MiB)"
+                )(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = bool(message.get("more_body", False))
+        body = b"".join(chunks)
+        expected = sign_body(secret, body).encode("ascii")
+        if not hmac.compare_digest(signature.strip().encode("utf-8", "replace"), expected):
+            await error_response(
+                401,
+                "unauthorized",
+                f"the {SIGNATURE_HEADER} header does not match the body; send 'sha256=' and the hex "
+                "HMAC-SHA256 of the exact body bytes, keyed with the --webhook-hmac-secret",
+            )(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _nosniff(send: Send) -> Send:
+    """Wrap ``send`` so every response says ``X-Content-Type-Options: nosniff``.
+
+    Replies echo IDs and paths inside JSON; a browser must never sniff such a
+    reply into HTML and run markup from it.
+    """
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            name = b"x-content-type-options"
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != name]
+            message = {**message, "headers": [*headers, (name, b"nosniff")]}
+        await send(message)
+
+    return wrapped
+
+
+def _unauthorized(given: str | None, flag: str, *, signed: bool = False) -> JSONResponse:
+    if given is None:
+        how = f"give the {flag} as 'Authorization: Bearer <token>' or '?token=<token>'"
+        if signed:
+            how += f", or sign the body in the {SIGNATURE_HEADER} header"
+        reason = how
+    else:
+        reason = "the token is wrong"
+    return error_response(401, "unauthorized", reason, headers={"WWW-Authenticate": "Bearer"})
