@@ -25,8 +25,8 @@ slot in a Cluster, where one ``BLPOP`` may only name keys of one slot.
 
 A list added while its reader is blocked would not be read until that
 ``BLPOP`` returns, so the hub rings the reader's *doorbell*: a push to a list
-of its own that every ``BLPOP`` of that reader includes (with a TTL, so a
-doorbell never outlives its process). That costs one short command, off the
+of its own that every ``BLPOP`` of that reader includes (with a 250 ms TTL, so
+a ring that no reader took is gone at once). That costs one short command, off the
 waiter's path; a list removed needs no doorbell, since a stale list in a
 ``BLPOP`` is harmless. Messages are stored in the list, so a push made while
 no reader is blocked is read when it next blocks: nothing is lost between
@@ -82,7 +82,10 @@ _BLOCK_SECONDS = 2.0
 #: Slack over the BLPOP's own timeout before the client gives up on a reply:
 #: Redis times blocked clients out on its ``hz`` tick (100 ms by default).
 _READ_SLACK = 0.5
-_DOORBELL_TTL_MS = 10_000
+#: A doorbell only has to last from its push to the blocked reader's pop
+#: (microseconds), or to a reader's next BLPOP (which reads the new lists
+#: anyway): a short TTL means a ring that found no reader is gone at once.
+_DOORBELL_TTL_MS = 250
 _RECONNECT_DELAYS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 Dispatch = Callable[[str, bytes], None]
