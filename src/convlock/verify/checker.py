@@ -243,8 +243,9 @@ def check(events: Iterable[Event], params: CheckParams, outcome: Outcome) -> Che
                     faults["cancel"] += 1
         elif kind == KILL:
             killed.setdefault(event.worker, event)
-            faults["kill"] += 1
-            kills_holding += event.detail == "holding"
+            if event.detail != "shutdown":  # a worker that would not stop at the end is no fault
+                faults["kill"] += 1
+                kills_holding += event.detail == "holding"
         elif kind == PAUSE:
             faults["pause"] += 1
             stopped[event.worker].append((event.t, event.end if event.end is not None else math.inf))
