@@ -6,6 +6,8 @@ that the other properties do not fire on it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from convlock.verify.checker import PROPERTIES, CheckParams, Outcome, check, percentile
@@ -54,7 +56,7 @@ class History:
         """A request that is granted, reads, writes (accepted, refused, or None: never answered) and releases."""
         self._count += 1
         req = f"{worker}:{self._count}"
-        common = {"worker": worker, "req": req, "conv": conv}
+        common: dict[str, Any] = {"worker": worker, "req": req, "conv": conv}
         self.add(Event(asked, REQUEST, **common))
         self.add(Event(granted, GRANT, ticket=ticket, lost=False, **common))
         end = released if released is not None else granted + 0.004
@@ -94,7 +96,8 @@ def test_clean_history_passes_every_property() -> None:
     result = check(reversed(history.events), PARAMS, Outcome(registers=registers(history)))
     assert result.ok, result.violation_counts
     assert set(result.violation_counts) == set(PROPERTIES)
-    assert result.grants == 4 and result.requests == 4
+    assert result.grants == 4
+    assert result.requests == 4
     assert all(result.properties[name].checked > 0 for name in PROPERTIES)
     assert result.handoffs == [pytest.approx(0.01)]  # w2 waited from 0.05 for w1's release at 0.10
 
@@ -136,7 +139,8 @@ def test_a_killed_holders_lease_lasts_a_lifetime_from_its_request() -> None:
     history.hold("w2", "a", 11, asked=0.1, granted=1.2, released=1.3)
     assert only_failing(history) == ["mutual_exclusion"]
     result = check(history.events, PARAMS, Outcome(registers=registers(history)))
-    assert result.faults["kill"] == 1 and result.kills_while_holding == 1
+    assert result.faults["kill"] == 1
+    assert result.kills_while_holding == 1
     later = History()
     later.hold("w1", "a", 10, asked=0.0, granted=0.01, released=None, write=None)
     later.add(Event(0.5, KILL, worker="w1", detail="holding"))
@@ -154,11 +158,23 @@ def test_grants_out_of_ticket_order_violate_fifo() -> None:
 def test_a_lapsed_holder_is_exempt_from_fifo() -> None:
     history = History()
     history.hold("w1", "a", 20, asked=0.0, granted=0.01, released=0.10)
-    req = history.hold("w2", "a", 15, asked=0.005, granted=0.20, released=0.30, write=False, lost_at_release=True)
+    req = history.hold(
+        "w2", "a", 15, asked=0.005, granted=0.20, released=0.30, write=False, lost_at_release=True
+    )
     history.add(Event(0.201, LOST, worker="w2", req=req, conv="a", ticket=15))
     history.events = [
-        Event(e.t, e.kind, e.worker, e.req, e.conv, e.ticket, True if e.req == req and e.lost is False else e.lost,
-              e.accepted, e.value, e.seen)
+        Event(
+            e.t,
+            e.kind,
+            e.worker,
+            e.req,
+            e.conv,
+            e.ticket,
+            True if e.req == req and e.lost is False else e.lost,
+            e.accepted,
+            e.value,
+            e.seen,
+        )
         for e in history.events
     ]
     assert only_failing(history) == []
@@ -192,7 +208,8 @@ def test_a_refused_write_needs_a_higher_ticket_granted_before_it() -> None:
     # (ticket 9 after 10 breaks the token rules too; the refusal itself is what matters here)
     result = check(stale.events, PARAMS, Outcome(registers=registers(stale)))
     refusal = [v for v in result.properties["no_lost_update"].violations if "refused" in v.message]
-    assert len(refusal) == 1 and refusal[0].events[0].ticket == 10
+    assert len(refusal) == 1
+    assert refusal[0].events[0].ticket == 10
     justified = History()
     justified.hold("w2", "a", 11, asked=0.0, granted=0.01, released=0.05)
     justified.hold("w1", "a", 10, asked=0.0, granted=0.06, released=0.10, write=False, lost_at_release=True)
@@ -206,7 +223,9 @@ def test_a_request_without_an_answer_violates_liveness() -> None:
     assert only_failing(history) == ["liveness"]
     slow = History().clean()
     slow.add(Event(0.7, REQUEST, worker="w1", req="w1:99", conv="a"))
-    slow.add(Event(0.7 + 3.0 + 2.0 + 0.6, ERROR, worker="w1", req="w1:99", conv="a", error="LockTimeoutError"))
+    slow.add(
+        Event(0.7 + 3.0 + 2.0 + 0.6, ERROR, worker="w1", req="w1:99", conv="a", error="LockTimeoutError")
+    )
     assert only_failing(slow) == ["liveness"]
     # The same wait is fine when Redis was restarting for a second of it, or the worker was killed.
     restarted = History().clean()
@@ -230,15 +249,19 @@ def test_a_ticket_granted_twice_or_reset_violates_tokens_increase() -> None:
     reset.hold("w1", "a", 10, asked=0.0, granted=0.01, released=0.10)
     reset.hold("w2", "a", 3, asked=0.5, granted=0.51, released=0.60)  # e.g. a counter that restarted at idle
     failing = only_failing(reset)
-    assert "tokens_increase" in failing and "mutual_exclusion" not in failing
+    assert "tokens_increase" in failing
+    assert "mutual_exclusion" not in failing
 
 
 def test_keys_left_behind_violate_no_leftover_keys_and_custom_stores_are_skipped() -> None:
     history = History().clean()
     outcome = Outcome(registers=registers(history), leftover_keys=["convlock:verify:x:lock:{a}:s"])
     assert only_failing(history, outcome) == ["no_leftover_keys"]
-    skipped = check(history.events, PARAMS, Outcome(registers=registers(history), leftover_keys=None,
-                                                   leftover_reason="custom store"))
+    skipped = check(
+        history.events,
+        PARAMS,
+        Outcome(registers=registers(history), leftover_keys=None, leftover_reason="custom store"),
+    )
     assert skipped.properties["no_leftover_keys"].status == "skipped"
     assert skipped.ok
 
@@ -249,8 +272,17 @@ def test_faults_are_counted_from_the_history() -> None:
     history.add(Event(0.8, ERROR, worker="w1", req="w1:50", conv="h:{*}", error="cancelled", detail="fault"))
     history.add(Event(0.9, KILL, worker="w2"))
     history.add(Event(1.0, RESTART, end=1.2))
-    result = check(history.events, PARAMS, Outcome(registers=registers(history), hostile_ids=frozenset({"h:{*}", "x"})))
-    assert result.faults == {"kill": 1, "pause": 0, "cancel": 1, "restart": 1, "hostile-ids": 1, "failover": 0}
+    result = check(
+        history.events, PARAMS, Outcome(registers=registers(history), hostile_ids=frozenset({"h:{*}", "x"}))
+    )
+    assert result.faults == {
+        "kill": 1,
+        "pause": 0,
+        "cancel": 1,
+        "restart": 1,
+        "hostile-ids": 1,
+        "failover": 0,
+    }
 
 
 def test_percentile_is_nearest_rank() -> None:

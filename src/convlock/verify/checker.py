@@ -51,6 +51,7 @@ rule).
 
 from __future__ import annotations
 
+import itertools
 import math
 from bisect import bisect_left
 from collections import defaultdict
@@ -289,7 +290,8 @@ def check(events: Iterable[Event], params: CheckParams, outcome: Outcome) -> Che
 
 def _hold(entry: _Request, params: CheckParams, killed: Mapping[str, Event]) -> Hold:
     grant = entry.grant
-    assert grant is not None and grant.ticket is not None
+    assert grant is not None
+    assert grant.ticket is not None
     after = [event for event in entry.events if event.t >= grant.t]
     ok_times = [event.t for event in after if event.kind in _CHECKPOINTS and event.lost is False]
     lost_times = [event.t for event in after if event.kind == LOST or event.lost is True]
@@ -541,7 +543,7 @@ def _handoffs(by_conv: Mapping[str, list[Hold]]) -> list[float]:
     """Seconds from a release to the grant of a request that was already waiting for it."""
     out = []
     for conv_holds in by_conv.values():
-        for before, after in zip(conv_holds, conv_holds[1:], strict=False):
+        for before, after in itertools.pairwise(conv_holds):
             if before.released is None or before.lapsed:
                 continue
             if after.requested < before.released <= after.granted:

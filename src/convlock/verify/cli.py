@@ -51,7 +51,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "no lost update, liveness, increasing tokens and no leftover keys. Exit 0: all held; 1: a "
         "property was violated; 2: usage, configuration or connection error.",
     )
-    parser.add_argument("--endpoints", type=Path, metavar="FILE", help="endpoints.yml whose lock_store: block to verify")
+    parser.add_argument(
+        "--endpoints", type=Path, metavar="FILE", help="endpoints.yml whose lock_store: block to verify"
+    )
     parser.add_argument(
         "--spawn-redis",
         nargs="?",
@@ -62,18 +64,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--processes", type=_positive(int), default=8, help="worker processes (default 8)")
     parser.add_argument("--conversations", type=_positive(int), default=16, help="conversations (default 16)")
-    parser.add_argument("--duration", type=_positive(float), default=30.0, help="seconds of load (default 30)")
-    parser.add_argument("--lifetime", type=_positive(float), default=2.0, help="lease length in seconds (default 2)")
+    parser.add_argument(
+        "--duration", type=_positive(float), default=30.0, help="seconds of load (default 30)"
+    )
+    parser.add_argument(
+        "--lifetime", type=_positive(float), default=2.0, help="lease length in seconds (default 2)"
+    )
     parser.add_argument(
         "--faults",
         default=None,
         metavar="LIST|none",
         help=f"comma-separated faults (default {DEFAULT_FAULTS}, plus restart with --spawn-redis)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed of the fault schedule (default: random, printed)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the fault schedule (default: random, printed)"
+    )
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
     parser.add_argument(
-        "--timeline", type=Path, metavar="FILE", help="write the PNG timeline here (default: the report's name, .png)"
+        "--timeline",
+        type=Path,
+        metavar="FILE",
+        help="write the PNG timeline here (default: the report's name, .png)",
     )
     parser.add_argument("--history", type=Path, metavar="FILE", help="write every event here, as JSON lines")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
@@ -135,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
     print(render_table(result))
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report_json(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        args.report.write_text(
+            json.dumps(report_json(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         print(f"report written to {args.report}")
     timeline = args.timeline or (args.report.with_suffix(".png") if args.report is not None else None)
     if timeline is not None:

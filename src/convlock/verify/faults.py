@@ -64,7 +64,9 @@ def parse_faults(text: str, *, spawn: bool) -> tuple[str, ...]:
         raise ValueError("--faults: give a comma-separated list such as kill,pause or 'none'")
     for name in names:
         if name not in ALL_FAULTS:
-            raise ValueError(f"--faults: unknown fault {name!r}; choose from {', '.join(ALL_FAULTS)} or 'none'")
+            raise ValueError(
+                f"--faults: unknown fault {name!r}; choose from {', '.join(ALL_FAULTS)} or 'none'"
+            )
     if "restart" in names and not spawn:
         raise ValueError(
             "--faults restart restarts the Redis that verify spawned: add --spawn-redis, or drop restart "

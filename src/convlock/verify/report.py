@@ -80,7 +80,12 @@ def report_json(run: RunResult) -> dict[str, Any]:
             "wait_timeout": run.wait_timeout,
             "faults_requested": list(options.faults),
             "planned_faults": [
-                {"at": round(fault.at, 3), "kind": fault.kind, "worker": fault.worker, "holding": fault.holding}
+                {
+                    "at": round(fault.at, 3),
+                    "kind": fault.kind,
+                    "worker": fault.worker,
+                    "holding": fault.holding,
+                }
                 for fault in run.plan
             ],
             "elapsed": round(run.elapsed, 3),
@@ -164,7 +169,9 @@ def write_timeline(run: RunResult, path: Path) -> str:
         return "timeline: skipped, nothing was granted"
     holds: list[Hold] = [hold for hold in run.result.holds if hold.conv == conv]
     start = min(event.t for event in run.events)
-    workers = sorted({hold.worker for hold in holds} | {e.worker for e in run.events if e.kind in (KILL, PAUSE)})
+    workers = sorted(
+        {hold.worker for hold in holds} | {e.worker for e in run.events if e.kind in (KILL, PAUSE)}
+    )
     row = {worker: index for index, worker in enumerate(workers)}
     last_event: dict[str, float] = {}
     for event in run.events:
@@ -175,15 +182,24 @@ def write_timeline(run: RunResult, path: Path) -> str:
         y = row[hold.worker]
         end = hold.released if hold.released is not None else last_event.get(hold.req, hold.granted)
         valid_end = max(hold.granted, min(hold.ok_until, end if end > hold.granted else hold.ok_until))
-        ax.barh(y, max(valid_end - hold.granted, 0.002), left=hold.granted - start, height=0.6, color="tab:blue")
+        ax.barh(
+            y, max(valid_end - hold.granted, 0.002), left=hold.granted - start, height=0.6, color="tab:blue"
+        )
         if end > valid_end:
             ax.barh(y, end - valid_end, left=valid_end - start, height=0.6, color="tab:orange")
     for event in run.events:
         if event.kind == RESTART:
             ax.axvspan(event.t - start, (event.end or event.t) - start, color="0.85", zorder=0)
         elif event.kind == PAUSE and event.worker in row:
-            ax.barh(row[event.worker], (event.end or event.t) - event.t, left=event.t - start, height=0.9,
-                    color="0.6", alpha=0.35, zorder=0)
+            ax.barh(
+                row[event.worker],
+                (event.end or event.t) - event.t,
+                left=event.t - start,
+                height=0.9,
+                color="0.6",
+                alpha=0.35,
+                zorder=0,
+            )
         elif event.kind == KILL and event.worker in row and event.detail != "shutdown":
             ax.plot(event.t - start, row[event.worker], marker="x", color="red", markersize=10, mew=2)
         elif event.kind == CANCEL and event.worker in row:
@@ -195,7 +211,7 @@ def write_timeline(run: RunResult, path: Path) -> str:
     ax.set_xlabel("seconds since the run began")
     label = conv if len(conv) <= 40 else conv[:40] + "..."
     ax.set_title(
-        f"conversation {label!r}: holds (blue: un-lapsed, orange: after the lease was lost), "
+        f"conversation {label!r}\nholds (blue: un-lapsed, orange: after the lease was lost), "
         "pauses (grey), restarts (light grey), kills (x), cancels (v), overlaps (red lines)",
         fontsize=9,
     )

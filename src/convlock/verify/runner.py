@@ -120,7 +120,9 @@ def _context() -> Any:
     global _FORKSERVER
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
-        _FORKSERVER.set_forkserver_preload(["convlock.verify.workers", "convlock.redis", "convlock.redis.connection"])
+        _FORKSERVER.set_forkserver_preload(
+            ["convlock.verify.workers", "convlock.redis", "convlock.redis.connection"]
+        )
     return _FORKSERVER
 
 
@@ -251,8 +253,14 @@ class _Controller:
         finally:
             _signal(proc, signal.SIGCONT)
             self.record(
-                Event(asked, PAUSE, worker=proc.id, pid=proc.popen.pid, end=time.monotonic(),
-                      detail="holding" if holding else "any")
+                Event(
+                    asked,
+                    PAUSE,
+                    worker=proc.id,
+                    pid=proc.popen.pid,
+                    end=time.monotonic(),
+                    detail="holding" if holding else "any",
+                )
             )
 
     async def kill(self, proc: _WorkerProc, *, holding: bool) -> None:
@@ -260,7 +268,9 @@ class _Controller:
         killed = time.monotonic()
         _signal(proc, signal.SIGKILL)
         await asyncio.to_thread(proc.popen.wait)
-        self.record(Event(killed, KILL, worker=proc.id, pid=proc.popen.pid, detail="holding" if stopped else "any"))
+        self.record(
+            Event(killed, KILL, worker=proc.id, pid=proc.popen.pid, detail="holding" if stopped else "any")
+        )
         self.retired.append(proc)
         self.start_worker(proc.slot, proc.generation + 1)
 
@@ -299,12 +309,14 @@ class _Controller:
             _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + 10.0 + self.options.lifetime
         for proc in procs:
-            while proc.popen.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.popen.wait, max(0.0, deadline - time.monotonic()))
             if proc.popen.poll() is None:
                 # It did not stop in time: kill it so the run ends; the checker
                 # then treats its unfinished requests like a killed worker's.
-                self.record(Event(time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid, detail="shutdown"))
+                self.record(
+                    Event(time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid, detail="shutdown")
+                )
                 _signal(proc, signal.SIGKILL)
                 await asyncio.to_thread(proc.popen.wait)
         self.retired.extend(self.workers.values())
@@ -376,7 +388,9 @@ def _load_block(options: VerifyOptions) -> dict[str, Any]:
     if block is None:
         return {"type": "in_memory"}
     if not isinstance(block, dict):
-        raise UsageError(f"{options.endpoints}: lock_store: must be a mapping of keys, got {type(block).__name__}")
+        raise UsageError(
+            f"{options.endpoints}: lock_store: must be a mapping of keys, got {type(block).__name__}"
+        )
     return dict(block)
 
 
@@ -403,8 +417,8 @@ def _prepare(options: VerifyOptions, spawned: SpawnedRedis | None, run_id: str) 
         mode = block.get("deployment_mode", "standard")
         if mode not in (None, "standard"):
             raise UsageError(
-                f"--spawn-redis starts one standalone redis-server, but lock_store.deployment_mode is {mode!r}; "
-                "drop --spawn-redis to verify your own Sentinel or Cluster"
+                "--spawn-redis starts one standalone redis-server, but lock_store.deployment_mode is "
+                f"{mode!r}; drop --spawn-redis to verify your own Sentinel or Cluster"
             )
         block.pop("host", None)
         block.pop("endpoints", None)
@@ -421,7 +435,9 @@ def _prepare(options: VerifyOptions, spawned: SpawnedRedis | None, run_id: str) 
         lock_prefix = f"{base_prefix}:verify:{run_id}:lock"
         block["key_prefix"] = lock_prefix
         settings = parse_settings(LockStoreSettings, block, section="lock_store")
-        redis_settings = RedisSettings.model_validate(_connection_settings(settings.model_dump(by_alias=False)))
+        redis_settings = RedisSettings.model_validate(
+            _connection_settings(settings.model_dump(by_alias=False))
+        )
     elif spawned is not None or (custom and ("url" in block or "host" in block)):
         redis_settings = parse_settings(RedisSettings, _connection_settings(block), section="lock_store")
     # Build the store once here: a bad block is a usage error before any worker starts.
@@ -430,7 +446,9 @@ def _prepare(options: VerifyOptions, spawned: SpawnedRedis | None, run_id: str) 
         settings_wait = block.get("wait_timeout")
         wait_timeout = float(settings_wait) if settings_wait not in (None, "") else 2 * options.lifetime + 1
     except (TypeError, ValueError):
-        raise UsageError(f"lock_store.wait_timeout: got {block.get('wait_timeout')!r}; give seconds") from None
+        raise UsageError(
+            f"lock_store.wait_timeout: got {block.get('wait_timeout')!r}; give seconds"
+        ) from None
     create_lock_store(store_block)  # raises ConfigError naming the key
     if redis_settings is None and options.processes > 1:
         raise UsageError(
@@ -475,8 +493,8 @@ async def _preflight(setup: _Setup) -> None:
                 await client.ping()
         except Exception as exc:
             raise UsageError(
-                f"cannot reach the Redis at {setup.target} for verify's register ({type(exc).__name__}: {exc}); "
-                "check the block's url/port or use --spawn-redis"
+                f"cannot reach the Redis at {setup.target} for verify's register "
+                f"({type(exc).__name__}: {exc}); check the block's url/port or use --spawn-redis"
             ) from None
         finally:
             await client.aclose()
@@ -511,7 +529,8 @@ async def _observe(ctl: _Controller, events: list[Event]) -> Outcome:
     leftover: list[str] | None
     reason = ""
     if setup.kind == "redis":
-        assert setup.redis_settings is not None and setup.lock_prefix is not None
+        assert setup.redis_settings is not None
+        assert setup.lock_prefix is not None
         leftover = await _leftover_keys(setup.redis_settings, setup.lock_prefix, ctl.options.lifetime)
     elif setup.kind == "in_memory":
         leftover = []
@@ -588,7 +607,11 @@ async def run_verify(options: VerifyOptions) -> RunResult:
             conversations += list(HOSTILE_IDS)
         ctl = _Controller(options, setup, run_dir, seed, conversations, spawned)
         plan = plan_faults(
-            seed, options.faults, duration=options.duration, lifetime=options.lifetime, processes=options.processes
+            seed,
+            options.faults,
+            duration=options.duration,
+            lifetime=options.lifetime,
+            processes=options.processes,
         )
         first = [ctl.start_worker(slot, 0) for slot in range(options.processes)]
         failed = await _wait_ready(first, 30.0)
@@ -606,7 +629,9 @@ async def run_verify(options: VerifyOptions) -> RunResult:
             if options.progress is not None and time.monotonic() - last_shown >= 0.5:
                 last_shown = time.monotonic()
                 options.progress(_progress_line(ctl, started, options.duration), False)
-            crashed = [proc for proc in ctl.workers.values() if proc.popen.poll() not in (None, -signal.SIGKILL)]
+            crashed = [
+                proc for proc in ctl.workers.values() if proc.popen.poll() not in (None, -signal.SIGKILL)
+            ]
             if crashed and time.monotonic() - started < 5:
                 # A worker that dies at once has a set-up problem (say, a store class
                 # that imports in this process but not in a fresh one): say so.

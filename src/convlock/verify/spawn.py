@@ -112,7 +112,9 @@ class SpawnedRedis:
             if popen.poll() is not None:
                 return False
             try:
-                with redis.Redis(host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1) as client:
+                with redis.Redis(
+                    host=HOST, port=self.port, socket_timeout=1, socket_connect_timeout=1
+                ) as client:
                     info = client.info("server")
                     if int(info.get("process_id", -1)) == popen.pid and client.ping():
                         return True

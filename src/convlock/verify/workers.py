@@ -161,7 +161,9 @@ class Worker:
                 by_fault = task in self.cancelled_by_fault
                 self.cancelled_by_fault.discard(task)
                 if not granted:
-                    self.emit(ERROR, req=req, conv=conv, error="cancelled", detail="fault" if by_fault else "")
+                    self.emit(
+                        ERROR, req=req, conv=conv, error="cancelled", detail="fault" if by_fault else ""
+                    )
                 if self.shutting_down or not by_fault:
                     raise
                 task.uncancel()
