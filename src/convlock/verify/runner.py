@@ -168,6 +168,7 @@ class _Controller:
     workers: dict[int, _WorkerProc] = field(default_factory=dict)
     retired: list[_WorkerProc] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    rng: random.Random = field(default_factory=random.Random)
     offsets: dict[Path, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {"grant": 0, "error": 0, "lost": 0})
 
@@ -222,20 +223,40 @@ class _Controller:
                 await asyncio.sleep(delay)
             if time.monotonic() > started + 0.85 * self.options.duration:
                 return  # too late: a fault now would still be running when workers stop
-            proc = self.workers.get(fault.worker)
-            if proc is None or proc.popen.poll() is not None or not _ready(proc):
-                continue  # a replacement still starting: its signal handlers are not in place yet
+            if fault.kind == "restart":
+                if self.spawned is not None:
+                    down = time.monotonic()
+                    await asyncio.to_thread(self.spawned.restart, RESTART_DOWN)
+                    self.record(Event(down, RESTART, end=time.monotonic()))
+                continue
+            proc = await self.ready_worker(fault.worker)
+            if proc is None:
+                continue
             if fault.kind == "cancel":
-                self.record(Event(time.monotonic(), CANCEL, worker=proc.id, pid=proc.popen.pid))
-                _signal(proc, signal.SIGUSR1)
+                # Half the workers at once, so that some task is surely waiting.
+                ready = [p for p in self.workers.values() if p.popen.poll() is None and _ready(p)]
+                others = [p for p in ready if p is not proc]
+                chosen = [proc, *self.rng.sample(others, len(ready) // 2 - 1 if len(ready) > 1 else 0)]
+                for target in chosen:
+                    self.record(Event(time.monotonic(), CANCEL, worker=target.id, pid=target.popen.pid))
+                    _signal(target, signal.SIGUSR1)
             elif fault.kind == "pause":
                 await self.pause(proc)
             elif fault.kind == "kill":
                 await self.kill(proc, holding=fault.holding)
-            elif fault.kind == "restart" and self.spawned is not None:
-                down = time.monotonic()
-                await asyncio.to_thread(self.spawned.restart, RESTART_DOWN)
-                self.record(Event(down, RESTART, end=time.monotonic()))
+
+    async def ready_worker(self, slot: int) -> _WorkerProc | None:
+        """The worker in ``slot``, or another ready one if it is still starting (a replacement)."""
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            proc = self.workers.get(slot)
+            if proc is not None and proc.popen.poll() is None and _ready(proc):
+                return proc
+            ready = [p for p in self.workers.values() if p.popen.poll() is None and _ready(p)]
+            if ready:
+                return self.rng.choice(ready)
+            await asyncio.sleep(0.05)
+        return None
 
     async def stop_while_holding(self, proc: _WorkerProc) -> bool:
         """Ask ``proc`` to stop itself at its next grant; True once it has."""
@@ -605,7 +626,7 @@ async def run_verify(options: VerifyOptions) -> RunResult:
         conversations = [f"verify-{run_id}-{index}" for index in range(options.conversations)]
         if "hostile-ids" in options.faults:
             conversations += list(HOSTILE_IDS)
-        ctl = _Controller(options, setup, run_dir, seed, conversations, spawned)
+        ctl = _Controller(options, setup, run_dir, seed, conversations, spawned, rng=random.Random(seed))
         plan = plan_faults(
             seed,
             options.faults,
