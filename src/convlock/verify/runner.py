@@ -56,6 +56,8 @@ TASKS_PER_WORKER = 3
 LIVENESS_SLACK = 1.5
 #: A paused holder stays stopped this much longer than its lease.
 PAUSE_PAST_LEASE = 0.5
+#: How long to wait for a worker asked to stop at its next grant (it honours the request for 1.5 s).
+STOP_WAIT = 2.0
 #: How long a spawned Redis stays down during a restart.
 RESTART_DOWN = 0.3
 #: socket_timeout for a spawned Redis: a restart must not stall calls for the default 10 s.
@@ -169,6 +171,8 @@ class _Controller:
     retired: list[_WorkerProc] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     rng: random.Random = field(default_factory=random.Random)
+    busy: set[int] = field(default_factory=set)  # slots under a pause or kill now
+    restarting: asyncio.Lock = field(default_factory=asyncio.Lock)
     offsets: dict[Path, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {"grant": 0, "error": 0, "lost": 0})
 
@@ -217,42 +221,63 @@ class _Controller:
     # -- faults
 
     async def inject(self, plan: list[PlannedFault], started: float) -> None:
-        for fault in plan:
-            delay = started + fault.at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if time.monotonic() > started + 0.85 * self.options.duration:
-                return  # too late: a fault now would still be running when workers stop
-            if fault.kind == "restart":
-                if self.spawned is not None:
+        """Start each planned fault at its time; faults run side by side, one at a time per worker."""
+        running: list[asyncio.Task[None]] = []
+        try:
+            for fault in plan:
+                delay = started + fault.at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if time.monotonic() > started + 0.85 * self.options.duration:
+                    break  # too late: a fault now would still be running when workers stop
+                running.append(asyncio.create_task(self.inject_one(fault)))
+            await asyncio.gather(*running)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def inject_one(self, fault: PlannedFault) -> None:
+        if fault.kind == "restart":
+            if self.spawned is not None:
+                async with self.restarting:
                     down = time.monotonic()
                     await asyncio.to_thread(self.spawned.restart, RESTART_DOWN)
                     self.record(Event(down, RESTART, end=time.monotonic()))
-                continue
-            proc = await self.ready_worker(fault.worker)
-            if proc is None:
-                continue
-            if fault.kind == "cancel":
-                # Half the workers at once, so that some task is surely waiting.
-                ready = [p for p in self.workers.values() if p.popen.poll() is None and _ready(p)]
-                others = [p for p in ready if p is not proc]
-                chosen = [proc, *self.rng.sample(others, len(ready) // 2 - 1 if len(ready) > 1 else 0)]
-                for target in chosen:
-                    self.record(Event(time.monotonic(), CANCEL, worker=target.id, pid=target.popen.pid))
-                    _signal(target, signal.SIGUSR1)
-            elif fault.kind == "pause":
+            return
+        proc = await self.ready_worker(fault.worker)
+        if proc is None:
+            return
+        if fault.kind == "cancel":
+            # Half the workers at once, so that some task is surely waiting.
+            ready = [p for p in self.workers.values() if p.popen.poll() is None and _ready(p)]
+            others = [p for p in ready if p is not proc and p.slot not in self.busy]
+            chosen = [proc, *self.rng.sample(others, min(len(others), len(ready) // 2 - 1))]
+            for target in chosen:
+                self.record(Event(time.monotonic(), CANCEL, worker=target.id, pid=target.popen.pid))
+                _signal(target, signal.SIGUSR1)
+            return
+        self.busy.add(proc.slot)
+        try:
+            if fault.kind == "pause":
                 await self.pause(proc)
             elif fault.kind == "kill":
                 await self.kill(proc, holding=fault.holding)
+        finally:
+            self.busy.discard(proc.slot)
 
     async def ready_worker(self, slot: int) -> _WorkerProc | None:
         """The worker in ``slot``, or another ready one if it is still starting (a replacement)."""
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline:
             proc = self.workers.get(slot)
-            if proc is not None and proc.popen.poll() is None and _ready(proc):
+            if proc is not None and proc.popen.poll() is None and _ready(proc) and slot not in self.busy:
                 return proc
-            ready = [p for p in self.workers.values() if p.popen.poll() is None and _ready(p)]
+            ready = [
+                p
+                for p in self.workers.values()
+                if p.popen.poll() is None and _ready(p) and p.slot not in self.busy
+            ]
             if ready:
                 return self.rng.choice(ready)
             await asyncio.sleep(0.05)
@@ -261,7 +286,7 @@ class _Controller:
     async def stop_while_holding(self, proc: _WorkerProc) -> bool:
         """Ask ``proc`` to stop itself at its next grant; True once it has."""
         _signal(proc, signal.SIGUSR2)
-        return await _wait_stopped(proc.popen.pid, 3.0)
+        return await _wait_stopped(proc.popen.pid, STOP_WAIT)
 
     async def pause(self, proc: _WorkerProc) -> None:
         asked = time.monotonic()
