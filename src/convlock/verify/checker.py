@@ -36,7 +36,8 @@ Properties
                       before the refusal.
 ``liveness``          every request ends in a grant or an error within
                       ``wait_timeout + lifetime + slack``, not counting time
-                      its worker spent stopped or Redis spent restarting;
+                      its worker spent stopped or Redis spent restarting or
+                      failing over;
                       requests of killed workers are exempt.
 ``tokens_increase``   per conversation, no ticket is granted twice, and a
                       request sent after a grant gets a higher ticket.
@@ -60,6 +61,7 @@ from dataclasses import dataclass, field
 
 from .history import (
     ERROR,
+    FAILOVER,
     GRANT,
     HOLD_STOP,
     KILL,
@@ -255,8 +257,9 @@ def check(events: Iterable[Event], params: CheckParams, outcome: Outcome) -> Che
         elif kind == RESTART:
             faults["restart"] += 1
             restarts.append((event.t, event.end if event.end is not None else event.t))
-        elif kind == "failover":
+        elif kind == FAILOVER:
             faults["failover"] += 1
+            restarts.append((event.t, event.end if event.end is not None else event.t))
     # A CANCEL event says a signal was sent; the fault counted is each waiter it cancelled.
     faults["hostile-ids"] = len(
         {entry.request.conv for entry in requests.values() if entry.request.conv in outcome.hostile_ids}

@@ -60,7 +60,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         const="standalone",
         choices=["standalone", "sentinel"],
         default=None,
-        help="start a private redis-server on a free loopback port and verify on it",
+        help="start a private redis-server on a free loopback port and verify on it; 'sentinel' starts a "
+        "master, a replica and 3 Sentinels instead, for the failover fault",
     )
     parser.add_argument("--processes", type=_positive(int), default=8, help="worker processes (default 8)")
     parser.add_argument("--conversations", type=_positive(int), default=16, help="conversations (default 16)")
@@ -74,7 +75,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--faults",
         default=None,
         metavar="LIST|none",
-        help=f"comma-separated faults (default {DEFAULT_FAULTS}, plus restart with --spawn-redis)",
+        help=f"comma-separated faults (default {DEFAULT_FAULTS}, plus restart with --spawn-redis, or "
+        "failover with --spawn-redis sentinel)",
     )
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of the fault schedule (default: random, printed)"
@@ -117,19 +119,17 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("convlock").setLevel(logging.ERROR)  # store warnings are expected under faults
     spawn = args.spawn_redis is not None
     try:
-        if args.spawn_redis == "sentinel":
-            raise UsageError(
-                "--spawn-redis sentinel (master, replica and 3 sentinels, with forced failovers) is not "
-                "implemented yet; use --spawn-redis for a standalone server"
-            )
-        text = args.faults if args.faults is not None else DEFAULT_FAULTS + (",restart" if spawn else "")
+        sentinel = args.spawn_redis == "sentinel"
+        default = DEFAULT_FAULTS + (",failover" if sentinel else ",restart" if spawn else "")
+        text = args.faults if args.faults is not None else default
         try:
-            faults = parse_faults(text, spawn=spawn)
+            faults = parse_faults(text, spawn=spawn, sentinel=sentinel)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         options = VerifyOptions(
             endpoints=args.endpoints,
             spawn=spawn,
+            sentinel=sentinel,
             processes=args.processes,
             conversations=args.conversations,
             duration=args.duration,

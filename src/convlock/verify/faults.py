@@ -7,8 +7,9 @@ that is scheduled at all appears at least once, early enough to finish
 before the run ends: a pause lasts a lease and a half.
 
 ``hostile-ids`` is not an event but a change to the conversations the
-workers pick from (:data:`HOSTILE_IDS`), and ``failover`` needs a Sentinel
-setup that ``--spawn-redis`` does not start yet.
+workers pick from (:data:`HOSTILE_IDS`). ``restart`` needs a standalone
+Redis that verify spawned, ``failover`` the Sentinel setup of
+``--spawn-redis sentinel``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["ALL_FAULTS", "HOSTILE_IDS", "SCHEDULED", "PlannedFault", "parse_faul
 
 ALL_FAULTS = ("kill", "pause", "cancel", "restart", "hostile-ids", "failover")
 #: The faults that happen at a moment of the run.
-SCHEDULED = ("kill", "pause", "cancel", "restart")
+SCHEDULED = ("kill", "pause", "cancel", "restart", "failover")
 
 #: Conversation IDs that break naive key schemes: separators, glob and hash-tag
 #: characters, escapes, non-ASCII text, white space, and lengths at the limit.
@@ -55,7 +56,7 @@ class PlannedFault:
     holding: bool = False
 
 
-def parse_faults(text: str, *, spawn: bool) -> tuple[str, ...]:
+def parse_faults(text: str, *, spawn: bool, sentinel: bool = False) -> tuple[str, ...]:
     """The ``--faults`` list as a tuple; raise ``ValueError`` with the fix for a bad one."""
     if text.strip().lower() == "none":
         return ()
@@ -67,15 +68,16 @@ def parse_faults(text: str, *, spawn: bool) -> tuple[str, ...]:
             raise ValueError(
                 f"--faults: unknown fault {name!r}; choose from {', '.join(ALL_FAULTS)} or 'none'"
             )
-    if "restart" in names and not spawn:
+    if "restart" in names and (not spawn or sentinel):
         raise ValueError(
-            "--faults restart restarts the Redis that verify spawned: add --spawn-redis, or drop restart "
-            "(verify never restarts a Redis it does not own)"
+            "--faults restart restarts the standalone Redis that verify spawned: use it with --spawn-redis "
+            "(with --spawn-redis sentinel, use failover), or drop restart (verify never restarts a Redis "
+            "it does not own)"
         )
-    if "failover" in names:
+    if "failover" in names and not sentinel:
         raise ValueError(
-            "--faults failover needs a Sentinel setup (master, replica, 3 sentinels), which --spawn-redis "
-            "does not start yet; drop failover"
+            "--faults failover forces failovers of a Sentinel setup that verify starts itself: add "
+            "--spawn-redis sentinel, or drop failover"
         )
     return tuple(dict.fromkeys(names))
 

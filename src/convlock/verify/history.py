@@ -27,6 +27,7 @@ __all__ = [
     "CANCEL",
     "ERROR",
     "EXIT",
+    "FAILOVER",
     "GRANT",
     "HOLD_STOP",
     "KILL",
@@ -64,6 +65,7 @@ KILL = "kill"  # SIGKILL of a worker; detail "holding" when it was stopped while
 PAUSE = "pause"  # SIGSTOP at t, SIGCONT at end
 CANCEL = "cancel"  # SIGUSR1: the worker cancels its waiting tasks
 RESTART = "restart"  # the spawned Redis went down at t and answered again at end
+FAILOVER = "failover"  # a forced Sentinel failover began at t; a new master had a synced replica at end
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-__all__ = ["LocalRegister", "RedisRegister", "Register", "register_key"]
+__all__ = ["LocalRegister", "RedisRegister", "Register", "Unreplicated", "register_key"]
 
 # Tickets can be microsecond timestamps (~2**51): Lua numbers compare them exactly
 # (up to 2**53), but tostring() would print them in exponent form, so the
@@ -69,23 +69,50 @@ class Register(Protocol):
         """Release resources."""
 
 
-class RedisRegister:
-    """The register in Redis, one hash per conversation under ``prefix``."""
+class Unreplicated(Exception):
+    """A register command ran on the master but no replica acknowledged it: it may be lost."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
+
+class RedisRegister:
+    """The register in Redis, one hash per conversation under ``prefix``.
+
+    With ``replicas`` > 0 every command is followed, on the same connection,
+    by ``WAIT replicas``; a command no replica acknowledged raises
+    :class:`Unreplicated`, so that only what a failover cannot lose counts:
+    a read that was not replicated is not used, and a write that was not
+    replicated has an unknown outcome. This is how the register stays exact
+    across failovers that the lock itself does not survive.
+    """
+
+    def __init__(self, client: Any, prefix: str, *, replicas: int = 0, wait_ms: int = 2000) -> None:
         self._client = client
         self.prefix = prefix
+        self.replicas = replicas
+        self.wait_ms = wait_ms
+
+    async def _run(self, *command: Any) -> Any:
+        if not self.replicas:
+            return await self._client.execute_command(*command)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.execute_command(*command)
+        pipe.execute_command("WAIT", self.replicas, self.wait_ms)
+        reply, acknowledged = await pipe.execute()
+        if int(acknowledged) < self.replicas:
+            raise Unreplicated(
+                f"{acknowledged} of {self.replicas} replicas acknowledged {command[0]} in time"
+            )
+        return reply
 
     async def read(self, conversation_id: str, ticket: int) -> tuple[int, int]:
         """See :meth:`Register.read`."""
-        value, seen = await self._client.execute_command(
+        value, seen = await self._run(
             "EVAL", _READ, 1, register_key(self.prefix, conversation_id), str(ticket)
         )
         return int(value), int(seen)
 
     async def write(self, conversation_id: str, ticket: int, value: int) -> tuple[bool, int]:
         """See :meth:`Register.write`."""
-        accepted, seen = await self._client.execute_command(
+        accepted, seen = await self._run(
             "EVAL", _WRITE, 1, register_key(self.prefix, conversation_id), str(ticket), str(value)
         )
         return bool(int(accepted)), int(seen)

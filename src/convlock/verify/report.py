@@ -127,6 +127,8 @@ def render_table(run: RunResult) -> str:
         )
     else:
         lines.append("hand-off latency: no hand-offs to a waiting request were seen")
+    if result.faults.get("failover"):
+        lines += _failover_story(run)
     shown = 0
     for name in PROPERTIES:
         for violation in result.properties[name].violations[:3]:
@@ -138,6 +140,28 @@ def render_table(run: RunResult) -> str:
                 lines.append(f"      {json.dumps(event.short(30), ensure_ascii=False)}")
     lines += ["", "RESULT: " + ("every property held" if result.ok else "VIOLATIONS FOUND")]
     return "\n".join(lines)
+
+
+def _failover_story(run: RunResult) -> list[str]:
+    """What the failover run shows: the lock may fail, the fenced register must not."""
+    counts = run.result.violation_counts
+    accepted, _ = _writes(run.events)
+    lock = (
+        f"mutual exclusion failed {counts['mutual_exclusion']} time(s): Redis replicates asynchronously, "
+        "so a new master may not know a grant the old one made"
+        if counts["mutual_exclusion"]
+        else "mutual exclusion held this time, but a failover can break it (asynchronous replication)"
+    )
+    register = (
+        f"the fenced register lost nothing ({accepted} replica-acknowledged writes)"
+        if not counts["no_lost_update"]
+        else f"the fenced register LOST UPDATES ({counts['no_lost_update']} violation(s))"
+    )
+    return [
+        "",
+        f"failover: {lock}; {register}.",
+        "Under failover the lock alone is not enough: fencing is what protects the data.",
+    ]
 
 
 def _timeline_conversation(run: RunResult) -> str | None:

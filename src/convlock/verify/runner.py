@@ -33,6 +33,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,8 +46,8 @@ from ..errors import ConfigError, LockStoreUnavailable
 from ..factory import create_lock_store
 from .checker import CheckParams, CheckResult, Outcome, check
 from .faults import HOSTILE_IDS, PlannedFault, plan_faults
-from .history import CANCEL, EXIT, KILL, PAUSE, REGISTER, RESTART, Event, read_events
-from .spawn import SpawnedRedis, SpawnError
+from .history import CANCEL, EXIT, FAILOVER, KILL, PAUSE, REGISTER, RESTART, Event, read_events
+from .spawn import SpawnedRedis, SpawnedSentinel, SpawnError
 
 __all__ = ["RunResult", "UsageError", "VerifyOptions", "run_verify"]
 
@@ -74,6 +75,7 @@ class VerifyOptions:
 
     endpoints: Path | None = None
     spawn: bool = False
+    sentinel: bool = False  # with spawn: a master, a replica and three Sentinels
     processes: int = 8
     conversations: int = 16
     duration: float = 30.0
@@ -166,7 +168,7 @@ class _Controller:
     run_dir: Path
     seed: int
     conversations: list[str]
-    spawned: SpawnedRedis | None
+    spawned: SpawnedRedis | SpawnedSentinel | None
     workers: dict[int, _WorkerProc] = field(default_factory=dict)
     retired: list[_WorkerProc] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
@@ -238,8 +240,19 @@ class _Controller:
             await asyncio.gather(*running, return_exceptions=True)
 
     async def inject_one(self, fault: PlannedFault) -> None:
+        if fault.kind == "failover":
+            if isinstance(self.spawned, SpawnedSentinel):
+                async with self.restarting:
+                    began = time.monotonic()
+                    try:
+                        await asyncio.to_thread(self.spawned.failover)
+                    except SpawnError as exc:
+                        print(f"convlock verify: a failover did not complete: {exc}", file=sys.stderr)
+                        return
+                    self.record(Event(began, FAILOVER, end=time.monotonic()))
+            return
         if fault.kind == "restart":
-            if self.spawned is not None:
+            if isinstance(self.spawned, SpawnedRedis):
                 async with self.restarting:
                     down = time.monotonic()
                     await asyncio.to_thread(self.spawned.restart, RESTART_DOWN)
@@ -446,7 +459,7 @@ def _connection_settings(block: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in block.items() if key in keys and key not in ("type", "key_prefix")}
 
 
-def _prepare(options: VerifyOptions, spawned: SpawnedRedis | None, run_id: str) -> _Setup:
+def _prepare(options: VerifyOptions, spawned: SpawnedRedis | SpawnedSentinel | None, run_id: str) -> _Setup:
     block = _load_block(options)
     raw_kind = block.get("type")
     kind = "in_memory" if raw_kind is None else str(raw_kind).strip()
@@ -459,7 +472,24 @@ def _prepare(options: VerifyOptions, spawned: SpawnedRedis | None, run_id: str) 
             f"--processes {options.processes}: the in_memory lock store lives inside one process, so "
             "separate worker processes would not share it; use --processes 1, or verify a redis store"
         )
-    if spawned is not None:
+    if isinstance(spawned, SpawnedSentinel):
+        if kind != "redis":
+            raise UsageError(
+                f"--spawn-redis sentinel verifies the redis store, but lock_store.type is {kind!r}; use "
+                "type: redis, or --spawn-redis for a standalone server"
+            )
+        for key in ("host", "password", "username", "use_ssl", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+            block.pop(key, None)
+        block.update(
+            url=spawned_host(),
+            port=spawned.sentinels[0].port,
+            db=block.get("db", 0),
+            deployment_mode="sentinel",
+            endpoints=spawned.endpoints(),
+            sentinel_service=spawned.SERVICE,
+        )
+        block.setdefault("socket_timeout", SPAWNED_SOCKET_TIMEOUT)
+    elif spawned is not None:
         mode = block.get("deployment_mode", "standard")
         if mode not in (None, "standard"):
             raise UsageError(
@@ -507,6 +537,8 @@ def _prepare(options: VerifyOptions, spawned: SpawnedRedis | None, run_id: str) 
         register = {
             "settings": redis_settings.model_dump(mode="json", exclude={"type"}),
             "prefix": f"{base_prefix}:verify:{run_id}:register",
+            # Through failovers only what a replica acknowledged counts (see register.py).
+            "replicas": 1 if isinstance(spawned, SpawnedSentinel) else 0,
         }
         addresses = ", ".join(f"{host}:{port}" for host, port in redis_settings.addresses())
         target = f"{redis_settings.deployment_mode} Redis at {addresses} (db {redis_settings.db})"
@@ -633,12 +665,12 @@ async def run_verify(options: VerifyOptions) -> RunResult:
     seed = options.seed if options.seed is not None else random.randrange(2**31)
     run_id = os.urandom(4).hex()
     run_dir = Path(tempfile.mkdtemp(prefix="convlock-verify-"))
-    spawned: SpawnedRedis | None = None
+    spawned: SpawnedRedis | SpawnedSentinel | None = None
     ctl: _Controller | None = None
     try:
         if options.spawn:
             try:
-                spawned = SpawnedRedis(run_dir)
+                spawned = SpawnedSentinel(run_dir) if options.sentinel else SpawnedRedis(run_dir)
                 await asyncio.to_thread(spawned.start)
             except SpawnError as exc:
                 raise UsageError(str(exc)) from None

@@ -72,7 +72,9 @@ def build_register(config: dict[str, Any] | None) -> Register:
     from ..redis.connection import create_client
 
     settings = parse_settings(RedisSettings, config["settings"], section="register")
-    return RedisRegister(create_client(settings, retries=0), config["prefix"])
+    return RedisRegister(
+        create_client(settings, retries=0), config["prefix"], replicas=config.get("replicas", 0)
+    )
 
 
 class Worker:
