@@ -54,13 +54,14 @@ def endpoints(tmp_path: Path, block: dict[str, Any]) -> str:
     [
         (None, [], "name the lock store to verify: --endpoints FILE"),
         ({"type": "in_memory"}, ["--processes", "2"], "--processes 2: the in_memory lock store lives inside one"),
-        ({"type": "in_memory"}, ["--processes", "1", "--faults", "restart"], "--faults restart restarts the Redis"),
+        ({"type": "in_memory"}, ["--processes", "1", "--faults", "restart"], "--faults restart restarts the standalone Redis"),
         ({"type": "in_memory"}, ["--processes", "1", "--faults", "kill,boom"], "unknown fault 'boom'"),
-        ({"type": "in_memory"}, ["--processes", "1", "--faults", "failover"], "needs a Sentinel setup"),
+        ({"type": "in_memory"}, ["--processes", "1", "--faults", "failover"], "add --spawn-redis sentinel"),
+        (None, ["--spawn-redis", "sentinel", "--faults", "restart"], "with --spawn-redis sentinel, use failover"),
         ({"type": "redis", "port": "abc"}, [], "lock_store.port: got 'abc'"),
         ({"type": "mongo"}, [], "lock_store.type: got 'mongo'"),
         ({"type": "no_such_module.Store"}, ["--processes", "1"], "cannot import module 'no_such_module'"),
-        (None, ["--spawn-redis", "sentinel"], "--spawn-redis sentinel"),
+        ({"type": "in_memory"}, ["--spawn-redis", "sentinel"], "--spawn-redis sentinel verifies the redis store"),
     ],
 )
 def test_usage_and_config_errors_exit_2_saying_what_to_fix(

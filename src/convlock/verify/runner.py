@@ -668,6 +668,13 @@ async def run_verify(options: VerifyOptions) -> RunResult:
     spawned: SpawnedRedis | SpawnedSentinel | None = None
     ctl: _Controller | None = None
     try:
+        if options.sentinel:
+            kind = str(_load_block(options).get("type") or "in_memory").strip()
+            if kind != "redis":  # checked before minutes of set-up, not after
+                raise UsageError(
+                    f"--spawn-redis sentinel verifies the redis store, but lock_store.type is {kind!r}; use "
+                    "type: redis, or --spawn-redis for a standalone server"
+                )
         if options.spawn:
             try:
                 spawned = SpawnedSentinel(run_dir) if options.sentinel else SpawnedRedis(run_dir)
