@@ -562,6 +562,10 @@ async def _preflight(setup: _Setup) -> None:
             f"{exc}; check lock_store.url/port (and password, use_ssl) in the endpoints file, or use "
             "--spawn-redis to verify on a private redis-server"
         ) from None
+    except Exception as exc:  # a custom store may fail its ping any way it likes
+        raise UsageError(
+            f"lock_store: {setup.kind}.ping() failed ({type(exc).__name__}: {exc}); check the block's keys"
+        ) from None
     finally:
         await store.aclose()
     if setup.redis_settings is not None:
