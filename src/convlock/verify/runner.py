@@ -54,7 +54,7 @@ __all__ = ["RunResult", "UsageError", "VerifyOptions", "run_verify"]
 #: Tasks per worker process: enough that most conversations have a queue.
 TASKS_PER_WORKER = 3
 #: Seconds added to the liveness bound for a loaded machine's scheduling noise.
-LIVENESS_SLACK = 1.5
+LIVENESS_SLACK = 2.0
 #: A paused holder stays stopped this much longer than its lease.
 PAUSE_PAST_LEASE = 0.5
 #: How long to wait for a worker asked to stop at its next grant (it honours the request for 1.5 s).
