@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checker import FAULTS, PROPERTIES, Hold, percentile
-from .history import CANCEL, KILL, PAUSE, RESTART, WRITE, Event
+from .history import CANCEL, FAILOVER, KILL, PAUSE, RESTART, WRITE, Event
 from .runner import RunResult
 
 __all__ = ["DETAILS_PER_PROPERTY", "render_table", "report_json", "write_timeline"]
@@ -212,8 +212,9 @@ def write_timeline(run: RunResult, path: Path) -> str:
         if end > valid_end:
             ax.barh(y, end - valid_end, left=valid_end - start, height=0.6, color="tab:orange")
     for event in run.events:
-        if event.kind == RESTART:
-            ax.axvspan(event.t - start, (event.end or event.t) - start, color="0.85", zorder=0)
+        if event.kind in (RESTART, FAILOVER):
+            color = "0.85" if event.kind == RESTART else "mistyrose"
+            ax.axvspan(event.t - start, (event.end or event.t) - start, color=color, zorder=0)
         elif event.kind == PAUSE and event.worker in row:
             ax.barh(
                 row[event.worker],
@@ -236,7 +237,7 @@ def write_timeline(run: RunResult, path: Path) -> str:
     label = conv if len(conv) <= 40 else conv[:40] + "..."
     ax.set_title(
         f"conversation {label!r}\nholds (blue: un-lapsed, orange: after the lease was lost), "
-        "pauses (grey), restarts (light grey), kills (x), cancels (v), overlaps (red lines)",
+        "pauses (grey), restarts (light grey), failovers (pink), kills (x), cancels (v), overlaps (red lines)",
         fontsize=9,
     )
     fig.tight_layout()
