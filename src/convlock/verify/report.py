@@ -236,8 +236,8 @@ def write_timeline(run: RunResult, path: Path) -> str:
     ax.set_xlabel("seconds since the run began")
     label = conv if len(conv) <= 40 else conv[:40] + "..."
     ax.set_title(
-        f"conversation {label!r}\nholds (blue: un-lapsed, orange: after the lease was lost), "
-        "pauses (grey), restarts (light grey), failovers (pink), kills (x), cancels (v), overlaps (red lines)",
+        f"conversation {label!r}\nholds (blue: un-lapsed, orange: after the lease was lost), pauses (grey), "
+        "restarts (light grey), failovers (pink), kills (x), cancels (v), overlaps (red lines)",
         fontsize=9,
     )
     fig.tight_layout()
