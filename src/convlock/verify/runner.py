@@ -265,7 +265,7 @@ class _Controller:
             # Half the workers at once, so that some task is surely waiting.
             ready = [p for p in self.workers.values() if p.popen.poll() is None and _ready(p)]
             others = [p for p in ready if p is not proc and p.slot not in self.busy]
-            chosen = [proc, *self.rng.sample(others, min(len(others), len(ready) // 2 - 1))]
+            chosen = [proc, *self.rng.sample(others, max(0, min(len(others), len(ready) // 2 - 1)))]
             for target in chosen:
                 self.record(Event(time.monotonic(), CANCEL, worker=target.id, pid=target.popen.pid))
                 _signal(target, signal.SIGUSR1)
