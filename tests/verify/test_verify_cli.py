@@ -137,6 +137,7 @@ def test_a_broken_store_loaded_by_dotted_path_makes_verify_exit_1(tmp_path: Path
         tmp_path, "--endpoints", endpoints(tmp_path, block), "--spawn-redis", "--processes", "4",
         "--duration", "6", "--faults", "none", "--seed", "11",
     )  # fmt: skip
+    print(output)  # the table, for the CI log
     assert status == 1, output
     assert "RESULT: VIOLATIONS FOUND" in output
     assert report is not None
