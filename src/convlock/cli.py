@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
         "with Retry-After (default 100)",
     )
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from .verify import cli as verify_cli
+
+    verify_cli.add_parser(commands)
     return parser
 
 
@@ -241,6 +244,9 @@ def _warn_about_access(host: str, access: AccessSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convlock`` console script; returns the exit status."""
     args = _parser().parse_args(list(argv) if argv is not None else None)
+    command_main = getattr(args, "command_main", None)
+    if command_main is not None:
+        return int(command_main(args))  # a sub-command with its own module (verify)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
