@@ -143,6 +143,12 @@ async def test_backend_in_memory_for_a_single_process(tmp_path: Path) -> None:
     assert order == [0, 1, 2, 3, 4]  # FIFO: tickets drawn in task start order
 
 
+def test_in_memory_with_several_rasa_workers_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANIC_WORKERS", "4")
+    with pytest.raises(ConfigError, match=r"lock_store\.backend: got .in_memory. with SANIC_WORKERS=4"):
+        through_rasa(write_endpoints(tmp_path, type=ADAPTER, backend="in_memory"))
+
+
 @pytest.mark.parametrize(
     ("keys", "named"),
     [

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -90,6 +91,7 @@ logger = logging.getLogger("convlock.integrations.rasa")
 BACKENDS = ("redis", "in_memory")
 
 SECTION = "lock_store"
+SANIC_WORKERS_ENV = "SANIC_WORKERS"  # how many processes a Rasa server runs
 
 
 # -- errors
@@ -154,8 +156,9 @@ def lock_store_config(endpoint_config: Any) -> dict[str, Any]:
     ``endpoints``, ``sentinel_service``), convlock's ``lifetime`` and
     ``wait_timeout``, and ``backend`` (:data:`BACKENDS`), which becomes
     convlock's ``type``. Raises :class:`~convlock.ConfigError` naming
-    ``lock_store.backend`` for an unknown backend; the other keys are
-    checked when the store is built.
+    ``lock_store.backend`` for an unknown backend, or for ``in_memory``
+    while ``SANIC_WORKERS`` asks Rasa for several processes; the other keys
+    are checked when the store is built.
     """
     if endpoint_config is None:
         keys: dict[str, Any] = {}
@@ -173,6 +176,15 @@ def lock_store_config(endpoint_config: Any) -> dict[str, Any]:
             f"invalid {SECTION} configuration: {SECTION}.backend: got {describe(backend)}; "
             "use 'redis' (replicas sharing a Redis, the default) or 'in_memory' (one process only). "
             "Fix this key in endpoints.yml."
+        )
+    workers = os.environ.get(SANIC_WORKERS_ENV, "").strip()
+    if backend == "in_memory" and workers.isdigit() and int(workers) > 1:
+        # Rasa lets a custom store run with several workers; in-memory locks
+        # would then be per process and exclude nothing.
+        raise ConfigError(
+            f"invalid {SECTION} configuration: {SECTION}.backend: got 'in_memory' with "
+            f"{SANIC_WORKERS_ENV}={workers}; in-memory locks hold within one process only, so use "
+            f"'redis' or run one worker. Fix this key in endpoints.yml."
         )
     keys["type"] = backend
     return keys
