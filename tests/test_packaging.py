@@ -59,7 +59,9 @@ def test_the_core_works_without_the_server_stack_and_run_names_the_extra() -> No
         sys.exit(main(["run"]))
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 1, result.stderr
     assert "pip install 'convlock[server]'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr

@@ -143,7 +143,9 @@ async def test_backend_in_memory_for_a_single_process(tmp_path: Path) -> None:
     assert order == [0, 1, 2, 3, 4]  # FIFO: tickets drawn in task start order
 
 
-def test_in_memory_with_several_rasa_workers_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_memory_with_several_rasa_workers_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SANIC_WORKERS", "4")
     with pytest.raises(ConfigError, match=r"lock_store\.backend: got .in_memory. with SANIC_WORKERS=4"):
         through_rasa(write_endpoints(tmp_path, type=ADAPTER, backend="in_memory"))
@@ -183,7 +185,14 @@ def test_url_and_host_together_are_refused(tmp_path: Path) -> None:
 async def test_lock_lifetime_is_the_lease_and_is_renewed(tmp_path: Path, redis_server: RedisProcess) -> None:
     key_prefix = prefix()
     store = through_rasa(
-        write_endpoints(tmp_path, type=ADAPTER, host=redis_server.host, port=redis_server.port, db=0, key_prefix=key_prefix)
+        write_endpoints(
+            tmp_path,
+            type=ADAPTER,
+            host=redis_server.host,
+            port=redis_server.port,
+            db=0,
+            key_prefix=key_prefix,
+        )
     )
     try:
         async with store.lock("carol", lock_lifetime=1, wait_time_in_seconds=0.01) as lock:
@@ -206,7 +215,13 @@ async def test_lock_lifetime_is_the_lease_and_is_renewed(tmp_path: Path, redis_s
 async def test_a_timeout_is_rasas_lock_error_and_ours(tmp_path: Path, redis_server: RedisProcess) -> None:
     store = through_rasa(
         write_endpoints(
-            tmp_path, type=ADAPTER, host=redis_server.host, port=redis_server.port, db=0, key_prefix=prefix(), wait_timeout=0.2
+            tmp_path,
+            type=ADAPTER,
+            host=redis_server.host,
+            port=redis_server.port,
+            db=0,
+            key_prefix=prefix(),
+            wait_timeout=0.2,
         )
     )
     try:
@@ -230,7 +245,9 @@ async def test_a_timeout_is_rasas_lock_error_and_ours(tmp_path: Path, redis_serv
 
 async def test_an_unreachable_redis_is_rasas_lock_error_and_ours(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    store = through_rasa(write_endpoints(tmp_path, type=ADAPTER, host="127.0.0.1", port=port, socket_timeout=1))
+    store = through_rasa(
+        write_endpoints(tmp_path, type=ADAPTER, host="127.0.0.1", port=port, socket_timeout=1)
+    )
     try:
         with pytest.raises(RasaLockError) as caught:
             async with store.lock("erin"):
@@ -298,7 +315,9 @@ def test_without_rasa_the_import_says_what_to_install() -> None:
         import convlock  # the core still imports
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert "pip install 'rasa-pro>=3.21' convlock" in result.stdout, result.stdout
     assert "convlock itself does not depend on Rasa" in result.stdout
 
@@ -321,7 +340,9 @@ def assert_flawless(outcome: Outcome, processes: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tasks", [1, 4], ids=["one-at-a-time", "4-concurrent-per-replica"])
-def test_replicas_lose_nothing_through_rasas_factory(tmp_path: Path, redis_server: RedisProcess, tasks: int) -> None:
+def test_replicas_lose_nothing_through_rasas_factory(
+    tmp_path: Path, redis_server: RedisProcess, tasks: int
+) -> None:
     # The issue's workload (two replicas, 200 messages each, one at a time),
     # and the same with four messages in flight per replica, as a Rasa
     # server handling several requests at once has.
@@ -330,7 +351,12 @@ def test_replicas_lose_nothing_through_rasas_factory(tmp_path: Path, redis_serve
         tmp_path, type=ADAPTER, host=redis_server.host, port=redis_server.port, db=0, key_prefix=key_prefix
     )
     outcome = run_replicas(
-        path, counter_url=redis_server.url(), counter_key="counter:rasa", processes=2, messages=200, tasks=tasks
+        path,
+        counter_url=redis_server.url(),
+        counter_key="counter:rasa",
+        processes=2,
+        messages=200,
+        tasks=tasks,
     )
     assert_flawless(outcome, processes=2)
     assert keys_with_prefix(redis_server, key_prefix) == []
@@ -406,7 +432,9 @@ def test_rasas_own_stores_on_the_same_workload(
         assert outcome.completed + outcome.lock_errors + outcome.unfinished == outcome.messages
         rows.append((kind.rpartition(".")[2], outcome))
     with capsys.disabled():
-        print(f"\nRasa workload: 2 processes x 200 messages on one conversation (cut off after {COMPARISON_DEADLINE:g}s)")
+        print(
+            f"\nRasa workload: 2 processes x 200 messages on one conversation (cut off after {COMPARISON_DEADLINE:g}s)"
+        )
         for name, outcome in rows:
             print(f"  {name:<18} {outcome.summary()}")
     assert_flawless(rows[0][1], processes=2)
