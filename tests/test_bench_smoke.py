@@ -56,3 +56,20 @@ def test_server_bench_prints_rates_latencies_and_lock_share() -> None:
         assert len(row.removeprefix(setup).split()) == 7, row
         assert row.rstrip().endswith("%")
     assert any(line.startswith("2 replicas / 1 replica throughput: ") for line in lines)
+
+
+@pytest.mark.slow
+def test_rasa_bench_prints_the_ratio_and_the_contended_workload() -> None:
+    # Rasa's stores stall on the contended workload; --deadline bounds each run.
+    result = run_bench("rasa_adapter.py", "--blocks", "2", "--messages", "10", "--deadline", "3", "--no-pin")
+    assert result.returncode in (0, 1), result.stderr  # 1 only means a target was missed
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("uncontended ratio convlock / rasa redis: ") for line in lines), result.stdout
+    for store in ("convlock", "rasa redis", "rasa concurrent_redis"):
+        assert any(line.strip().startswith(store) and "cycles/s" in line for line in lines), result.stdout
+        assert any(line.strip().startswith(store) and "lost updates" in line for line in lines), result.stdout
+    row = next(line for line in lines if line.strip().startswith("convlock") and "lost updates" in line)
+    assert "20/20 messages done" in row, row
+    assert " 0 lost updates, 0 LockError" in row, row
+    assert any(line.startswith("contended time convlock: ") for line in lines), result.stdout
+    assert "keys left in Redis: 0" in lines, result.stdout

@@ -2,7 +2,9 @@
 
 ``main(argv)`` returns the exit status: 0 after a clean shutdown (SIGTERM or
 Ctrl+C included), 2 for a bad command line or configuration (one message
-naming the key or flag, no traceback), 1 when the server could not start.
+naming the key or flag, no traceback), 1 when the server could not start
+(including when the ``server`` extra, which holds the ASGI stack, is not
+installed: the message names it).
 """
 
 from __future__ import annotations
@@ -142,12 +144,27 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
     """
 
 
-def _run(args: argparse.Namespace) -> int:
-    import uvicorn
+SERVER_EXTRA_MODULES = frozenset({"uvicorn", "starlette", "prometheus_client"})
 
-    from .server.app import build_app
-    from .server.handlers import DEFAULT_HANDLER
-    from .server.options import OPTIONS_ENV, ServerOptions, build_context
+
+def _run(args: argparse.Namespace) -> int:
+    # The server stack is the optional `server` extra: the core library
+    # (the lock stores) installs without it.
+    try:
+        import uvicorn
+
+        from .server.app import build_app
+        from .server.handlers import DEFAULT_HANDLER
+        from .server.options import OPTIONS_ENV, ServerOptions, build_context
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVER_EXTRA_MODULES:
+            raise
+        print(
+            f"convlock run: the server needs the 'server' extra ({exc.name} is not installed); "
+            "install it with: pip install 'convlock[server]'",
+            file=sys.stderr,
+        )
+        return 1
 
     # Like "python -m", let --handler name modules in the working directory.
     if os.getcwd() not in sys.path:
@@ -179,6 +196,12 @@ def _run(args: argparse.Namespace) -> int:
         "server_header": False,
         "ssl_certfile": args.ssl_certfile,
         "ssl_keyfile": args.ssl_keyfile,
+        # Fixed, not "auto": otherwise installing httptools or uvloop (Rasa's
+        # sanic brings both) would change how bad requests are answered
+        # (httptools answers unknown methods with a plain-text 400 before the
+        # app sees them) and what the benchmarks measure.
+        "http": "h11",
+        "loop": "asyncio",
     }
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore)

@@ -19,7 +19,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -68,12 +68,29 @@ class _MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = _route_template(scope)
             # Templates read "{conversation_id:conversation_id}"; drop the convertor's name.
             template = template.replace(":conversation_id}", "}")
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             self.ctx.metrics.observe_request(method, template, status, time.perf_counter() - start)
+
+
+def _route_template(scope: Scope) -> str:
+    """The path template of the route that served ``scope``, or ``"unmatched"``."""
+    route = scope.get("route")
+    if route is None:
+        # Starlette 1.3 (the series Rasa Pro 3.21 pins) does not record the
+        # matched route in the scope: match again, as the router did.
+        partial = None
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate  # the path matched, the method did not (a 405)
+        route = route or partial
+    return getattr(route, "path", None) or "unmatched"
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

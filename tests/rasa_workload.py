@@ -1,0 +1,152 @@
+"""Drive the Rasa workload: several replica processes (``rasa_worker.py``) on one conversation.
+
+``run_replicas`` writes nothing itself: it takes an endpoints.yml path (any
+``lock_store:`` type Rasa's factory builds), starts the processes, lets them
+go at once, and summarises what they did as an :class:`Outcome`: how many
+updates were lost, how many messages Rasa would have dropped (``LockError``),
+how many never finished, whether holds overlapped or were served out of
+ticket order.
+
+Shared by tests/test_rasa_integration.py and bench/rasa_adapter.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "rasa_worker.py"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the replicas did together.
+
+    ``lost_updates`` is completed messages minus the counter's final value:
+    each completed message incremented it once, so any shortfall is an
+    increment overwritten by an overlapping holder. ``overlaps`` counts pairs
+    of holds (in start order) where the later began before the earlier ended;
+    ``out_of_order`` counts pairs served against ticket order (convlock's
+    stores only: Rasa's report no ticket numbers).
+    """
+
+    messages: int
+    completed: int
+    counter: int
+    lost_updates: int
+    lock_errors: int
+    unfinished: int
+    overlaps: int
+    out_of_order: int
+    processes_served: int
+    handoffs: int
+    elapsed: float
+    errors: tuple[str, ...]
+
+    def summary(self) -> str:
+        """One line for people: the figures the comparison prints."""
+        return (
+            f"{self.completed}/{self.messages} messages done in {self.elapsed:.1f}s, "
+            f"{self.lost_updates} lost updates, {self.lock_errors} LockError, "
+            f"{self.unfinished} unfinished, {self.overlaps} overlapping holds"
+        )
+
+
+def _spawn(config: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), json.dumps(config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=HERE,
+    )
+
+
+def run_replicas(
+    endpoints: Path,
+    *,
+    counter_url: str,
+    counter_key: str,
+    conversation: str = "rasa-user",
+    processes: int = 2,
+    messages: int = 200,
+    tasks: int = 1,
+    hold: float = 0.0005,
+    deadline: float = 60.0,
+) -> Outcome:
+    """Run ``processes`` replicas of ``messages`` each on ``conversation``; summarise them.
+
+    The counter lives at ``counter_key`` in the Redis at ``counter_url`` (it
+    need not be the lock store's). Each process gives up ``deadline`` seconds
+    after the start; a process that does not report within ``deadline + 30``
+    seconds is killed and the run fails with its stderr.
+    """
+    with redis.Redis.from_url(counter_url) as client:
+        client.delete(counter_key)
+    config = {
+        "endpoints": str(endpoints),
+        "counter_url": counter_url,
+        "counter_key": counter_key,
+        "conversation": conversation,
+        "messages": messages,
+        "tasks": tasks,
+        "hold": hold,
+        "deadline": deadline,
+    }
+    workers = [_spawn(config) for _ in range(processes)]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            line = worker.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"replica did not start: {line!r}\n{worker.communicate()[1]}")
+        started = time.monotonic()
+        for worker in workers:  # together, so that they contend
+            assert worker.stdin is not None
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        outputs = [worker.communicate(timeout=deadline + 30) for worker in workers]
+        elapsed = time.monotonic() - started
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    reports = []
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        if worker.returncode != 0 or not out.strip():
+            raise RuntimeError(f"replica exited with {worker.returncode}:\n{err}")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    with redis.Redis.from_url(counter_url) as client:
+        counter = int(client.get(counter_key) or 0)
+        client.delete(counter_key)
+    holds = sorted((hold for report in reports for hold in report["holds"]), key=lambda hold: hold[1])
+    overlaps = sum(later[1] < earlier[2] for earlier, later in itertools.pairwise(holds))
+    out_of_order = sum(
+        earlier[0] is not None and later[0] is not None and later[0] <= earlier[0]
+        for earlier, later in itertools.pairwise(holds)
+    )
+    return Outcome(
+        messages=processes * messages,
+        completed=len(holds),
+        counter=counter,
+        lost_updates=len(holds) - counter,
+        lock_errors=sum(report["lock_errors"] for report in reports),
+        unfinished=sum(report["unfinished"] for report in reports),
+        overlaps=overlaps,
+        out_of_order=out_of_order,
+        processes_served=len({hold[3] for hold in holds}),
+        handoffs=sum(a[3] != b[3] for a, b in itertools.pairwise(holds)),
+        elapsed=elapsed,
+        errors=tuple(report["error"] for report in reports if report["error"]),
+    )
