@@ -1,5 +1,9 @@
 """The ``convlock`` command line: ``convlock run`` starts the message server.
 
+The operations commands live in their own modules and register here:
+``convlock locks ...`` (:mod:`convlock.cli_locks`) and ``convlock
+check-config`` (:mod:`convlock.cli_check`).
+
 ``main(argv)`` returns the exit status: 0 after a clean shutdown (SIGTERM or
 Ctrl+C included), 2 for a bad command line or configuration (one message
 naming the key or flag, no traceback), 1 when the server could not start.
@@ -94,6 +98,16 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to let messages in flight finish on SIGTERM (default: handler timeout + 10)",
     )
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line (default text); secrets are masked in both",
+    )
+    from . import cli_check, cli_locks
+
+    cli_locks.add_parser(commands)
+    cli_check.add_parser(commands)
     return parser
 
 
@@ -123,7 +137,10 @@ def _run(args: argparse.Namespace) -> int:
         handler_timeout=args.handler_timeout,
         auth_token=args.auth_token or None,
         workers=args.workers,
+        log_level=args.log_level,
+        log_format=args.log_format,
     )
+    options.configure_logging()
     ctx = build_context(options)  # raises ConfigError before anything listens
     shutdown_timeout = args.shutdown_timeout or args.handler_timeout + 10
     common = {
@@ -133,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": shutdown_timeout,
         "access_log": args.log_level == "debug",
         "server_header": False,
+        # Our root handler formats (and masks) uvicorn's records as well.
+        "log_config": None,
     }
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore)
@@ -154,11 +173,11 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convlock`` console script; returns the exit status."""
     args = _parser().parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    command = getattr(args, "func", None)
+    if command is not None:
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        status: int = command(args)
+        return status
     try:
         return _run(args)
     except ConfigError as exc:

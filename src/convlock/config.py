@@ -191,6 +191,17 @@ class RedisSettings(_Settings):
                 raise ValueError(f"each endpoint must look like 'host:port', got {item!r}")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        # A URL here would carry its password into every message that names the host.
+        if "://" in value or "@" in value:
+            raise ValueError(
+                "url is the host name alone (as in the spec), not a URL; write e.g. 'redis.internal' and "
+                "give the password with the password key"
+            )
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
@@ -247,9 +258,15 @@ class LockStoreSettings(StoreSettings):
     wait_timeout: OptionalSeconds = None
 
 
+#: Keys whose values an error message never repeats.
+_SECRET_KEYS = frozenset({"password", "username"})
+
+
 def describe(value: Any) -> str:
-    """A short, safe rendering of a config value for an error message."""
-    text = repr(value)
+    """A short, safe rendering of a config value for an error message (URL passwords masked)."""
+    from .logs import redact
+
+    text = redact(repr(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -269,7 +286,7 @@ def parse_settings(model: type[_SettingsT], config: Mapping[str, Any], *, sectio
             loc = "url" if loc == "host" and "url" in config else loc
             key = f"{section}.{loc}" if loc else section
             message = error["msg"].removeprefix("Value error, ")
-            if loc and "input" in error and error["type"] != "missing":
+            if loc and "input" in error and error["type"] != "missing" and loc not in _SECRET_KEYS:
                 problems.append(f"{key}: got {describe(error['input'])}; {message[:1].lower()}{message[1:]}")
             else:
                 problems.append(f"{key}: {message}")

@@ -49,10 +49,14 @@ class _Hold(Ticket, HeldLock):
     ``_future`` is set only by ``_wait()``, on the contended path.
     """
 
-    __slots__ = ("_future", "_store", "conversation_id")
+    __slots__ = ("_future", "_granted_at", "_since", "_store", "conversation_id")
 
     _store: InMemoryLockStore
     _future: asyncio.Future[None] | None
+    # Set only on slow paths or when the store has an observer, so the
+    # uncontended cycle without one writes neither.
+    _granted_at: float
+    _since: float
 
     @property
     def ticket(self) -> int:
@@ -82,6 +86,11 @@ class _Hold(Ticket, HeldLock):
             book.heads[cid] = self
         elif not book.issue(cid, self):
             await store._wait(self)
+            return self
+        observer = store._observer
+        if observer is not None:
+            self._granted_at = time.monotonic()
+            observer.granted(cid, self.number, 0.0, "immediate")
         return self
 
     async def __aexit__(
@@ -92,6 +101,10 @@ class _Hold(Ticket, HeldLock):
     ) -> None:
         store = self._store
         cid = self.conversation_id
+        observer = store._observer
+        if observer is not None:
+            granted_at = getattr(self, "_granted_at", None)
+            observer.released(cid, self.number, 0.0 if granted_at is None else time.monotonic() - granted_at)
         heads = store._book.heads
         if self.waiting is None and heads.get(cid) is self:
             del heads[cid]  # TicketBook.release with nobody waiting, inlined.
@@ -170,6 +183,10 @@ class InMemoryLockStore(LockStore):
         self._contended += 1
         cid = hold.conversation_id
         future = hold._future = asyncio.get_running_loop().create_future()
+        hold._since = time.monotonic()
+        observer = self._observer
+        if observer is not None:
+            observer.waiting(cid, hold.number)
         self._arm_expiry(cid)
         try:
             if hold.terms.wait_timeout is None:
@@ -182,17 +199,31 @@ class InMemoryLockStore(LockStore):
             if granted is not None:
                 self._grant(cid, granted)
             self._disarm_if_uncontended(cid)
+            waited = time.monotonic() - hold._since
+            observer = self._observer
             if isinstance(exc, TimeoutError):
                 self._timeouts += 1
+                if observer is not None:
+                    observer.timed_out(cid, hold.number, waited)
                 raise LockTimeoutError(
                     f"waited {hold.terms.wait_timeout:g}s for conversation {cid!r} "
                     f"without being served (ticket {hold.number} withdrawn)",
                     conversation_id=cid,
                 ) from None
+            if isinstance(exc, LockLostError):  # revoked by an operator while waiting
+                if observer is not None:
+                    observer.abandoned(cid, hold.number, waited, "revoked")
+                raise
             self._cancelled += 1
+            if observer is not None:
+                observer.abandoned(cid, hold.number, waited, "cancelled")
             raise
         finally:
             hold._future = None
+        observer = self._observer
+        if observer is not None:
+            hold._granted_at = now = time.monotonic()
+            observer.granted(cid, hold.number, now - hold._since, "handoff")
 
     def _grant(self, conversation_id: str, granted: Ticket) -> None:
         """Wake the owner of a ticket the book has just granted."""
@@ -233,6 +264,8 @@ class InMemoryLockStore(LockStore):
         granted = self._book.expire(conversation_id)
         if head is not None and head.revoked:
             self._lapsed += 1
+            if self._observer is not None:
+                self._observer.lapsed(conversation_id, head.number)
             # A lapse means a holder ran past its lease: worth an operator's eye.
             logger.warning(
                 "lease of ticket %d on conversation %r lapsed after %gs; serving %s",
@@ -253,13 +286,15 @@ class InMemoryLockStore(LockStore):
             return None
         now = time.monotonic()
 
-        def lease(ticket: Ticket) -> TicketLease:
+        def lease(ticket: Ticket, *, waits: bool) -> TicketLease:
             # A renewing lease is renewed on observation: it has a full lifetime left.
             left = ticket.terms.lifetime if ticket.expires_at == INF else ticket.expires_at - now
-            return TicketLease(ticket.number, max(0.0, left))
+            since = getattr(ticket, "_since", None) if waits else None
+            waited = None if since is None else max(0.0, now - since)
+            return TicketLease(ticket.number, max(0.0, left), waited)
 
-        waiting = tuple(lease(t) for t in head.waiting or ())
-        return LockSnapshot(conversation_id, lease(head), waiting)
+        waiting = tuple(lease(t, waits=True) for t in head.waiting or ())
+        return LockSnapshot(conversation_id, lease(head, waits=False), waiting)
 
     async def conversations(self) -> AsyncIterator[str]:
         for conversation_id in self._book:
@@ -273,11 +308,45 @@ class InMemoryLockStore(LockStore):
         if revoked is None:
             return None
         self._forced += 1
+        if self._observer is not None:
+            self._observer.revoked(conversation_id, revoked.number, holder=True)
         if granted is not None:
             self._grant(conversation_id, granted)
         else:
             self._disarm_if_uncontended(conversation_id)
         return revoked.number
+
+    async def revoke(self, conversation_id: str, ticket: int | None = None) -> tuple[int, bool] | None:
+        """Revoke the holder, or ``ticket`` whether it holds or waits; see :meth:`LockStore.revoke`.
+
+        A revoked waiter's ``lock()`` raises ``LockLostError`` at once.
+        """
+        check_conversation_id(conversation_id)
+        self._expire(conversation_id)
+        head = self._book.head(conversation_id)
+        if head is None:
+            return None
+        if ticket is None or head.number == ticket:
+            revoked = await self.force_release(conversation_id)
+            return None if revoked is None else (revoked, True)
+        taken = self._book.revoke_waiting(conversation_id, ticket)
+        if taken is None:
+            return None
+        self._forced += 1
+        if self._observer is not None:
+            self._observer.revoked(conversation_id, taken.number, holder=False)
+        assert isinstance(taken, _Hold)
+        future = taken._future
+        if future is not None and not future.done():
+            future.set_exception(
+                LockLostError(
+                    f"ticket {taken.number} of conversation {conversation_id!r} was revoked by an "
+                    "operator before it was served",
+                    conversation_id=conversation_id,
+                )
+            )
+        self._disarm_if_uncontended(conversation_id)
+        return taken.number, False
 
     async def aclose(self) -> None:
         """Refuse new locks. Holders and waiters already queued are served as usual."""

@@ -56,6 +56,8 @@ __all__ = [
     "KEY_TTL_MARGIN_MS",
     "RELEASE",
     "RENEW",
+    "REVOKE",
+    "REVOKED_MARK",
     "SWEEP",
     "WITHDRAW",
     "LuaScript",
@@ -64,6 +66,9 @@ __all__ = [
 #: How long a conversation's keys outlive its furthest lease. Only matters
 #: when every owner died; otherwise keys are deleted when the queue empties.
 KEY_TTL_MARGIN_MS = 1000
+
+#: What REVOKE pushes on a revoked waiter's wake-up list instead of a grant's '1'.
+REVOKED_MARK = "revoked"
 
 
 @dataclass(frozen=True)
@@ -274,7 +279,8 @@ CHECK = _script(
 -- A waiter's periodic look, in case its wake-up was lost or the holder's
 -- lease ended: serve the queue, and renew the waiter's own lease.
 -- ARGV[1]: ticket. Returns {state, holder's lease left (us)} where state is
--- 1 granted, 0 still waiting (lease renewed), -1 gone (it lapsed).
+-- 1 granted, 0 still waiting (lease renewed), -1 gone (it lapsed), -2
+-- revoked by an operator.
 local ticket = ARGV[1]
 local head, head_ends = serve(ticket)
 if head == ticket then
@@ -282,6 +288,9 @@ if head == ticket then
   return {1, head_ends - now}
 end
 local length = redis.call('HGET', s, 'l' .. ticket)
+if not length and redis.call('LINDEX', wake .. ticket, 0) == 'revoked' then
+  return {-2, 0}  -- revoked by an operator (REVOKE) while it waited
+end
 if not length or not head then
   return {-1, 0}
 end
@@ -316,8 +325,10 @@ INSPECT = _script(
     "inspect",
     """
 -- A snapshot: {ticket, lease left (us), ...} holder first, then waiters in
--- queue order; empty when idle. Waiters whose lease ended are left out
--- (they are dropped when they reach the front).
+-- queue order, then the server time (us), which tells how long each
+-- waiter has waited (a ticket is its draw time in us, bar the +1 of
+-- next_fencing_token); empty when idle. Waiters whose lease ended are left
+-- out (they are dropped when they reach the front).
 local head, head_ends = serve(nil)
 if not head then
   return {}
@@ -330,6 +341,7 @@ for _, t in ipairs(redis.call('ZRANGE', q, 0, -1)) do
     out[#out + 1] = ends - now
   end
 end
+out[#out + 1] = now
 return out
 """,
 )
@@ -347,6 +359,38 @@ redis.call('HDEL', s, 'h', 'e', 'l', 'o')
 serve(nil)
 return head
 """,
+)
+
+REVOKE = _script(
+    "revoke",
+    """
+-- An operator's revocation of one ticket: ARGV[1] is the ticket, or '' for
+-- whoever holds. The holder is revoked only if it is that ticket, and the
+-- next is served; a waiter leaves the queue and finds REVOKED_MARK on its
+-- wake-up list instead of a grant. Returns {ticket, 1} for a holder,
+-- {ticket, 0} for a waiter, nil when no such live ticket.
+local ticket = ARGV[1]
+local head = serve(nil)
+if not head then
+  return false
+end
+if ticket == '' or ticket == head then
+  redis.call('HDEL', s, 'h', 'e', 'l', 'o')
+  serve(nil)
+  return {head, 1}
+end
+local length = redis.call('HGET', s, 'l' .. ticket)
+if redis.call('ZREM', q, ticket) == 0 or not length then
+  return false
+end
+redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket, 'o' .. ticket)
+count()
+local w = wake .. ticket
+redis.call('DEL', w)
+redis.call('RPUSH', w, 'REVOKED_MARK')
+redis.call('PEXPIRE', w, math.ceil(tonumber(length) / 1000) + MARGIN)
+return {ticket, 0}
+""".replace("REVOKED_MARK", REVOKED_MARK).replace("MARGIN", str(KEY_TTL_MARGIN_MS)),
 )
 
 SWEEP = _script(
@@ -393,5 +437,5 @@ return false
 """,
 )
 
-ALL: tuple[LuaScript, ...] = (ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, SWEEP, WITHDRAW)
+ALL: tuple[LuaScript, ...] = (ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, SWEEP, WITHDRAW, REVOKE)
 """Every script, for loading them all at once (``SCRIPT LOAD``)."""

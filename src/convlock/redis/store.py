@@ -114,6 +114,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..config import LockStoreSettings, RedisSettings
 from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from ..ids import check_conversation_id
+from ..observe import GrantReason
 from ..store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
 from ..tickets import renew_interval
 from . import scripts
@@ -140,6 +141,7 @@ class _RedisHold(HeldLock):
     __slots__ = (
         "_deadline",
         "_draw",
+        "_granted_at",
         "_keys",
         "_lifetime",
         "_lifetime_arg",
@@ -173,6 +175,7 @@ class _RedisHold(HeldLock):
         self._revoked = False
         self._deadline = -math.inf
         self._renew_at = math.inf
+        self._granted_at = math.nan
         # Names this hold's draw in Redis, so that a ticket whose number never
         # reached us (cancelled or timed out mid-draw) can still be withdrawn.
         self._draw = f"{store._draw_prefix}{next(store._draw_count)}"
@@ -197,6 +200,8 @@ class _RedisHold(HeldLock):
                 return
             self._revoked = True
             self._store._lost += 1
+            if self._store._observer is not None:
+                self._store._observer.lapsed(self.conversation_id, self._number)
         raise LockLostError.for_ticket(self.conversation_id, self._number, self._lifetime)
 
     async def __aenter__(self) -> _RedisHold:
@@ -219,6 +224,9 @@ class _RedisHold(HeldLock):
         if type(reply) is int:  # granted at once: the ticket alone
             self._number = reply
             self._deadline = sent + self._lifetime
+            if store._observer is not None:
+                self._granted_at = now = time.monotonic()
+                store._observer.granted(self.conversation_id, reply, now - sent, "immediate")
         else:
             self._number = reply[0]
             await store._wait(self, reply[1], sent)
@@ -235,6 +243,8 @@ class _RedisHold(HeldLock):
         store = self._store
         if self._renew:
             store._renewing.discard(self)
+        if store._observer is not None and not math.isnan(self._granted_at):
+            store._observer.released(self.conversation_id, self._number, time.monotonic() - self._granted_at)
         if self._revoked:
             return  # a renewal or ensure() saw it revoked: nothing to release
         try:
@@ -414,6 +424,9 @@ class RedisLockStore(LockStore):
         """Park ``hold`` until granted; withdraw its ticket on any exit but success."""
         self._contended += 1
         keys = hold._keys
+        observer = self._observer
+        if observer is not None:
+            observer.waiting(hold.conversation_id, hold._number)
         deadline = None if hold._wait_timeout is None else sent + hold._wait_timeout
         # The last request whose reply said "not yet granted": a later grant
         # happened after it was sent, which bounds the lease from below.
@@ -431,9 +444,13 @@ class RedisLockStore(LockStore):
                     if left <= 0:
                         await self._give_up(hold)
                     poll = min(poll, left)
-                if await self._blpop(keys.wake(hold._number), max(poll, _MIN_POLL)):
+                pushed = await self._blpop(keys.wake(hold._number), max(poll, _MIN_POLL))
+                if pushed == scripts.REVOKED_MARK.encode():
+                    raise self._revoked_waiter(hold)
+                if pushed is not None:
                     self._wakeups += 1
                     hold._deadline = probe_sent + hold._lifetime
+                    self._observe_grant(hold, sent, "handoff")
                     return
                 self._rechecks += 1
                 checked = time.monotonic()
@@ -446,7 +463,21 @@ class RedisLockStore(LockStore):
                     hold._deadline = max(
                         probe_sent + hold._lifetime, checked + holder_left_us / _US
                     )
+                    self._observe_grant(hold, sent, "recheck")
                     return
+                if state == -2:
+                    raise self._revoked_waiter(hold)
+                logger.debug(
+                    "conversation %r ticket %d: re-checked on its timer, %s",
+                    hold.conversation_id,
+                    hold._number,
+                    "still waiting" if state == 0 else "its waiting lease had lapsed; queueing again",
+                    extra={
+                        "conversation_id": hold.conversation_id,
+                        "ticket": hold._number,
+                        "event": "recheck",
+                    },
+                )
                 if state == -1:
                     # Our own waiting lease ended (we could not renew it in
                     # time): we lost our place, so queue again at the back.
@@ -458,21 +489,44 @@ class RedisLockStore(LockStore):
                     if type(reply) is int:
                         hold._number = reply
                         hold._deadline = checked + hold._lifetime
+                        self._observe_grant(hold, sent, "recheck")
                         return
                     hold._number, holder_left_us = reply
                 probe_sent = checked
         except asyncio.CancelledError:
             self._cancelled += 1
             self._withdraw_later(keys, hold._number, draw=hold._draw if reissuing else None)
+            if observer is not None:
+                observer.abandoned(hold.conversation_id, hold._number, time.monotonic() - sent, "cancelled")
             raise
         except LockStoreUnavailable:
             self._withdraw_later(keys, hold._number, draw=hold._draw if reissuing else None)
+            if observer is not None:
+                observer.abandoned(hold.conversation_id, hold._number, time.monotonic() - sent, "error")
             raise
+        except LockLostError:
+            if observer is not None:
+                observer.abandoned(hold.conversation_id, hold._number, time.monotonic() - sent, "revoked")
+            raise
+
+    def _observe_grant(self, hold: _RedisHold, sent: float, reason: GrantReason) -> None:
+        if self._observer is not None:
+            hold._granted_at = now = time.monotonic()
+            self._observer.granted(hold.conversation_id, hold._number, now - sent, reason)
+
+    def _revoked_waiter(self, hold: _RedisHold) -> LockLostError:
+        return LockLostError(
+            f"ticket {hold._number} of conversation {hold.conversation_id!r} was revoked by an operator "
+            "before it was served",
+            conversation_id=hold.conversation_id,
+        )
 
     async def _give_up(self, hold: _RedisHold) -> NoReturn:
         """Withdraw a waiter whose ``wait_timeout`` passed and raise ``LockTimeoutError``."""
         self._timeouts += 1
         await self._eval(scripts.RELEASE, hold._keys, hold._number, 1)
+        if self._observer is not None:
+            self._observer.timed_out(hold.conversation_id, hold._number, hold._wait_timeout or 0.0)
         raise LockTimeoutError(
             f"waited {hold._wait_timeout:g}s for conversation {hold.conversation_id!r} without "
             f"being served (ticket {hold._number} withdrawn)",
@@ -555,6 +609,8 @@ class RedisLockStore(LockStore):
                 self._lost += 1
                 hold._revoked = True
                 self._renewing.discard(hold)
+                if self._observer is not None:
+                    self._observer.lapsed(hold.conversation_id, hold._number)
             else:
                 # Try again soon; if this keeps failing, the local deadline
                 # passes and the hold reports itself lost.
@@ -573,6 +629,8 @@ class RedisLockStore(LockStore):
 
     def _unavailable_error(self, error: BaseException) -> LockStoreUnavailable:
         self._unavailable += 1
+        if self._observer is not None:
+            self._observer.store_error(error)
         if isinstance(error, TimeoutError | RedisTimeoutError):
             detail = f"no answer within socket_timeout={self._socket_timeout:g}s: {error or 'timed out'}"
         else:
@@ -610,14 +668,17 @@ class RedisLockStore(LockStore):
                 "EVALSHA", script.sha, 1, keys.state, *args
             )
 
-    async def _blpop(self, key: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a push on ``key``; True if one came."""
+    async def _blpop(self, key: str, timeout: float) -> bytes | None:
+        """Wait up to ``timeout`` seconds for a push on ``key``; the value pushed, or None."""
         try:
             async with asyncio.timeout(timeout + self._socket_timeout):
                 reply = await self._client.execute_command("BLPOP", key, f"{timeout:.3f}")
         except (RedisError, OSError, TimeoutError) as error:
             raise self._unavailable_error(error) from error
-        return reply is not None
+        if reply is None:
+            return None
+        value = reply[1]
+        return value if isinstance(value, bytes) else str(value).encode()
 
     async def _pipeline(
         self, script: scripts.LuaScript, calls: Sequence[tuple[ConversationKeys, Sequence[Any]]]
@@ -655,30 +716,38 @@ class RedisLockStore(LockStore):
         reply = await self._eval(scripts.INSPECT, self._space.keys(conversation_id))
         if not reply:
             return None
+        now_us = int(reply[-1])
         leases = [
-            TicketLease(int(reply[i]), max(0.0, int(reply[i + 1]) / _US)) for i in range(0, len(reply), 2)
+            TicketLease(int(reply[i]), max(0.0, int(reply[i + 1]) / _US)) for i in range(0, len(reply) - 1, 2)
         ]
-        return LockSnapshot(conversation_id, leases[0], tuple(leases[1:]))
+        # A ticket is its draw time in microseconds on the server clock.
+        waiting = tuple(
+            TicketLease(lease.ticket, lease.expires_in, max(0.0, (now_us - lease.ticket) / _US))
+            for lease in leases[1:]
+        )
+        return LockSnapshot(conversation_id, leases[0], waiting)
 
     async def conversations(self) -> AsyncIterator[str]:
-        """Conversations held or waited for, found with SCAN (never KEYS).
+        """Conversations held or waited for, found with SCAN (never KEYS), page by page.
 
-        Each batch of candidates is served first, in one pipeline, so a
-        conversation whose holders all died is not reported.
+        Keys are read lazily, so a caller that stops early (``--limit``) stops
+        the scan; memory grows with the conversations found, not with the
+        keys scanned. Each batch of candidates is served first, in one
+        pipeline, so a conversation whose holders all died is not reported.
+        Each step of the scan is bounded by ``socket_timeout``. Close the
+        iterator (``contextlib.aclosing``) when leaving it early.
         """
+        keys = self._client.scan_iter(match=self._space.state_pattern(), count=1000, _type="hash")
         batch: list[str] = []
-        try:
-            async with asyncio.timeout(self._socket_timeout):
-                found = [
-                    key
-                    async for key in self._client.scan_iter(
-                        match=self._space.state_pattern(), count=1000, _type="hash"
-                    )
-                ]
-        except (RedisError, OSError, TimeoutError) as error:
-            raise self._unavailable_error(error) from error
         seen: set[str] = set()
-        for key in found:
+        while True:
+            try:
+                async with asyncio.timeout(self._socket_timeout):
+                    key = await anext(keys)
+            except StopAsyncIteration:
+                break
+            except (RedisError, OSError, TimeoutError) as error:
+                raise self._unavailable_error(error) from error
             conversation_id = self._space.conversation_of(key)
             if conversation_id is None or conversation_id in seen:
                 continue
@@ -711,11 +780,41 @@ class RedisLockStore(LockStore):
             return None
         self._forced += 1
         ticket = int(reply)
+        self._mark_revoked(conversation_id, ticket)
+        return ticket
+
+    def _mark_revoked(self, conversation_id: str, ticket: int) -> None:
+        if self._observer is not None:
+            self._observer.revoked(conversation_id, ticket, holder=True)
         for hold in list(self._renewing):
             if hold.conversation_id == conversation_id and hold._number == ticket:
                 hold._revoked = True
                 self._renewing.discard(hold)
-        return ticket
+
+    async def revoke(self, conversation_id: str, ticket: int | None = None) -> tuple[int, bool] | None:
+        """Revoke the holder, or ``ticket`` if it holds or waits, in one script; see :meth:`LockStore.revoke`.
+
+        A revoked holder in another process sees ``held.lost`` at its next
+        renewal or ``ensure()``, and its fenced writes are refused once the
+        next holder has loaded. A revoked waiter is told through its
+        wake-up list at once (or at its next re-check) and raises
+        ``LockLostError``.
+        """
+        check_conversation_id(conversation_id)
+        if ticket is not None and (isinstance(ticket, bool) or not isinstance(ticket, int) or ticket < 1):
+            raise ValueError(f"ticket must be a positive whole number, got {ticket!r}")
+        reply = await self._eval(
+            scripts.REVOKE, self._space.keys(conversation_id), "" if ticket is None else str(ticket)
+        )
+        if not reply:
+            return None
+        revoked, holder = int(reply[0]), reply[1] == 1
+        self._forced += 1
+        if holder:
+            self._mark_revoked(conversation_id, revoked)
+        elif self._observer is not None:
+            self._observer.revoked(conversation_id, revoked, holder=False)
+        return revoked, holder
 
     async def ping(self) -> None:
         """Check that Redis answers within ``socket_timeout``; raise ``LockStoreUnavailable`` if not."""

@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..observe import LockEventLog
 from . import admin
 from .channel import webhook
 from .context import ServerContext
@@ -139,6 +140,9 @@ def _routes() -> list[BaseRoute]:
 def build_app(ctx: ServerContext) -> Starlette:
     """The ASGI app serving ``ctx``; it closes ``ctx``'s stores on shutdown."""
     ctx.metrics.bind_stores(ctx.lock_store.statistics, ctx.tracker_store.statistics)
+    # The library's lock collectors and event log, fed by the store itself.
+    ctx.lock_store.add_observer(ctx.metrics.locks)
+    ctx.lock_store.add_observer(LockEventLog())
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -168,4 +172,6 @@ def build_app(ctx: ServerContext) -> Starlette:
 
 def app_from_environment() -> Starlette:
     """The app of one uvicorn worker process, built from ``CONVLOCK_RUN_OPTIONS``."""
-    return build_app(build_context(ServerOptions.from_environment()))
+    options = ServerOptions.from_environment()
+    options.configure_logging()  # a spawned worker does not inherit the parent's handlers
+    return build_app(build_context(options))

@@ -29,7 +29,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import LockStoreUnavailable, LockTimeoutError
+from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from .context import ServerContext
 from .conversation import Conversation, Message
 from .handlers import normalize_responses
@@ -83,7 +83,6 @@ async def process_message(
         async with ctx.lock_store.lock(message.sender) as held:
             acquired = time.perf_counter()
             parts["lock"] = acquired - start
-            metrics.lock_wait.observe(acquired - start)
             try:
                 responses = await _locked(ctx, message, held.ticket, parts)
             finally:
@@ -97,6 +96,10 @@ async def process_message(
             exc.status_code, "unavailable"
         )
         raise
+    except LockLostError as exc:
+        # An operator revoked this message's ticket while it waited.
+        outcome = "revoked"
+        raise ApiError(409, "ticket_revoked", str(exc)) from None
     except LockTimeoutError as exc:
         outcome = "lock_timeout"
         raise ApiError(503, "lock_timeout", str(exc), headers={"Retry-After": "1"}) from None
@@ -120,8 +123,6 @@ async def process_message(
             headers={"Retry-After": "1"},
         ) from None
     finally:
-        if acquired:
-            metrics.lock_hold.observe((released or time.perf_counter()) - acquired)
         metrics.messages.labels(outcome).inc()
         metrics.in_flight.dec()
         ctx.in_flight -= 1

@@ -15,6 +15,7 @@ from typing import Any
 from ..config import load_endpoints
 from ..errors import ConfigError
 from ..factory import create_lock_store
+from ..logs import configure_logging
 from ..memory import InMemoryLockStore
 from .context import ServerContext
 from .handlers import DEFAULT_HANDLER, load_handler
@@ -36,6 +37,25 @@ class ServerOptions:
     handler_timeout: float | None = 30.0
     auth_token: str | None = None
     workers: int = 1
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def secrets(self) -> list[str]:
+        """What logs must never show: the auth token and the stores' passwords."""
+        found = [self.auth_token] if self.auth_token else []
+        if self.endpoints:
+            try:
+                config = load_endpoints(self.endpoints)
+            except ConfigError:
+                return found  # build_context reports the file's problem
+            for block in config.values():
+                if isinstance(block, dict) and isinstance(block.get("password"), str | int):
+                    found.append(str(block["password"]))
+        return found
+
+    def configure_logging(self) -> None:
+        """Set up this process's logging as ``--log-level``/``--log-format`` ask, secrets masked."""
+        configure_logging(self.log_level, "json" if self.log_format == "json" else "text", self.secrets())
 
     def to_environment(self) -> str:
         """JSON for :data:`OPTIONS_ENV`."""

@@ -1,0 +1,99 @@
+"""Log set-up for ``convlock run`` and the CLI: text or one JSON object per line, secrets masked.
+
+Design: convlock's modules log with the standard :mod:`logging` package
+only; this module is the one place that decides how records look. The
+JSON format writes ``time``, ``level``, ``logger`` and ``message``, plus
+the ``conversation_id``, ``ticket`` and ``event`` attributes that lock
+events carry (:class:`convlock.observe.LockEventLog`), and ``exception``
+when there is a traceback.
+
+Secrets: every formatted line, in either format, passes through
+:func:`redact`, which replaces each configured secret (Redis passwords,
+the server's auth token) with ``***`` and masks the password part of any
+``scheme://user:password@host`` URL. That is a last line of defence: the
+code already avoids putting secrets into messages (see
+``convlock.redis.connection.describe``), but a third-party library's
+message (an access log with ``?token=``, a driver's error quoting a URL)
+is masked too. Secrets shorter than :data:`MIN_SECRET_LENGTH` are not
+searched for, since masking every ``a`` in a log would hide everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, Literal
+
+__all__ = ["MIN_SECRET_LENGTH", "JsonFormatter", "RedactingFormatter", "configure_logging", "redact"]
+
+MIN_SECRET_LENGTH = 4
+LogFormat = Literal["text", "json"]
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<password>[^@/\s]+)@")
+_TOKEN_QUERY = re.compile(r"(?P<key>[?&](?:token|password|access_token)=)[^&\s\"']+", re.IGNORECASE)
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Record attributes written as JSON fields when present.
+_EXTRA_FIELDS = ("conversation_id", "ticket", "event")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every secret, URL password and ``token=``/``password=`` query value masked."""
+    for secret in secrets:
+        if secret and len(secret) >= MIN_SECRET_LENGTH:
+            text = text.replace(secret, "***")
+    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _TOKEN_QUERY.sub(lambda m: f"{m['key']}***", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A text formatter whose output passes through :func:`redact`."""
+
+    def __init__(self, fmt: str = _TEXT_FORMAT, secrets: Iterable[str] = ()) -> None:
+        super().__init__(fmt)
+        self.secrets = tuple(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines inside values are escaped)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = tuple(secrets)
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage(), self.secrets),
+        }
+        for name in _EXTRA_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                out[name] = redact(value, self.secrets) if isinstance(value, str) else value
+        if record.exc_info:
+            out["exception"] = redact(self.formatException(record.exc_info), self.secrets)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str = "info", fmt: LogFormat = "text", secrets: Iterable[str] = ()) -> None:
+    """Send every logger's records to stderr in ``fmt``, at ``level`` and above, secrets masked.
+
+    Replaces the root logger's handlers, so calling it again reconfigures.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    secrets = tuple(secrets)
+    handler.setFormatter(JsonFormatter(secrets) if fmt == "json" else RedactingFormatter(secrets=secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
