@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..observe import LockEventLog
-from . import admin
+from . import admin, status
 from .channel import webhook
 from .context import ServerContext
 from .openapi import openapi_document
@@ -133,6 +133,7 @@ def _routes() -> list[BaseRoute]:
         Route("/locks/{conversation_id:conversation_id}", admin.inspect_lock, methods=["GET"]),
         Route("/locks/{conversation_id:conversation_id}", admin.force_release, methods=["DELETE"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/status", status.status, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
 
@@ -166,6 +167,7 @@ def build_app(ctx: ServerContext) -> Starlette:
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.state.status_rates = status.RateMeter(ctx.metrics.registry)
     app.add_middleware(_MetricsMiddleware, ctx=ctx)
     return app
 

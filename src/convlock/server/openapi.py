@@ -219,6 +219,18 @@ def openapi_document(version: str) -> dict[str, Any]:
                     },
                 },
             },
+            "/status": {
+                "get": {
+                    "operationId": "status",
+                    "summary": "HTML status page: locked conversations, queues, store health, message rates",
+                    "responses": {
+                        "200": {
+                            "description": "An HTML page that reloads itself every few seconds",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "operationId": "metrics",
