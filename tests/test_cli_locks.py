@@ -129,7 +129,8 @@ def test_ls_and_show_report_the_holder_the_queue_and_the_waits(
     assert header.split() == ["CONVERSATION", "HOLDER", "WAITING", "OLDEST", "WAIT", "LEASE", "LEFT"]
     cells = row.split()
     assert cells[:3] == ["alice", str(held), "2"]
-    assert cells[3].endswith("s") and cells[4].endswith("s")
+    assert cells[3].endswith("s")
+    assert cells[4].endswith("s")
     assert 0 < float(cells[4].rstrip("s")) <= 30
 
     listed = json.loads(cli("locks", "ls", "--endpoints", str(endpoints), "--json").stdout)
@@ -140,7 +141,8 @@ def test_ls_and_show_report_the_holder_the_queue_and_the_waits(
 
     detail = cli("locks", "show", "alice", "--endpoints", str(endpoints))
     assert detail.returncode == 0
-    assert "holding" in detail.stdout and "waiting #2" in detail.stdout
+    assert "holding" in detail.stdout
+    assert "waiting #2" in detail.stdout
 
 
 @pytest.mark.slow
@@ -199,7 +201,8 @@ def test_release_of_one_waiting_ticket_revokes_only_that_waiter(
     }
     assert waiter.line() == "revoked"
     shown = json.loads(cli("locks", "show", "c", "--endpoints", str(endpoints), "--json").stdout)
-    assert shown["serving"]["ticket"] == held and shown["waiting"] == []
+    assert shown["serving"]["ticket"] == held
+    assert shown["waiting"] == []
     holder.send("save")
     assert holder.line() == "saved", "the holder was not touched"
 
@@ -231,7 +234,8 @@ def test_ls_pages_with_scan_through_100000_idle_conversations(redis_server: Redi
     print(f"locks ls over 100,003 keys: {elapsed:.2f}s including interpreter start")
 
     limited = json.loads(cli("locks", "ls", "--limit", "2", "--endpoints", str(endpoints), "--json").stdout)
-    assert len(limited["locks"]) == 2 and limited["truncated"] is True
+    assert len(limited["locks"]) == 2
+    assert limited["truncated"] is True
     table = cli("locks", "ls", "--limit", "2", "--endpoints", str(endpoints)).stdout
     assert "(first 2 shown; use --limit to see more)" in table
 
@@ -243,14 +247,18 @@ def test_exit_codes_for_missing_things_and_bad_setups(redis_server: RedisProcess
     assert (empty.returncode, empty.stdout.strip()) == (0, "no conversation is locked")
 
     missing = cli("locks", "ls", "--endpoints", str(tmp_path / "nope.yml"))
-    assert missing.returncode == 2 and "nope.yml' does not exist" in missing.stderr
+    assert missing.returncode == 2
+    assert "nope.yml' does not exist" in missing.stderr
     default = cli("locks", "ls", cwd=tmp_path / "..")  # no endpoints.yml in that folder
-    assert default.returncode == 2 and "'endpoints.yml' does not exist" in default.stderr
+    assert default.returncode == 2
+    assert "'endpoints.yml' does not exist" in default.stderr
 
     memory = tmp_path / "memory.yml"
     memory.write_text("lock_store:\n  type: in_memory\n", encoding="utf-8")
     refused = cli("locks", "ls", "--endpoints", str(memory))
-    assert refused.returncode == 2 and "in_memory" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2
+    assert "in_memory" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
     down = write_endpoints(tmp_path, None, port=free_port())
     unreachable = cli("locks", "ls", "--endpoints", str(down))
@@ -258,4 +266,5 @@ def test_exit_codes_for_missing_things_and_bad_setups(redis_server: RedisProcess
     assert "lock store unavailable: Redis at 127.0.0.1" in unreachable.stderr
 
     usage = cli("locks", "release", "x", "--ticket", "zero", "--endpoints", str(endpoints))
-    assert usage.returncode == 2 and "expected a whole number" in usage.stderr
+    assert usage.returncode == 2
+    assert "expected a whole number" in usage.stderr
