@@ -206,6 +206,8 @@ def check(path: str, *, connect: bool = True) -> tuple[list[BlockReport], list[s
         settings = _validate(section, config[section], report)
         if settings is None or not connect:
             continue
+        from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
         from .redis.connection import describe
 
         try:
@@ -214,9 +216,11 @@ def check(path: str, *, connect: bool = True) -> tuple[list[BlockReport], list[s
                 assert isinstance(settings, LockStoreSettings)
                 asyncio.run(_probe_lock_script(settings))
                 report.redis["lock_script"] = "ok"
-        except (LockError, ConnectionError, TimeoutError, OSError) as exc:
+        except (AuthenticationError, ResponseError) as exc:  # it answered, and said no
+            report.problems.append(f"{section}: {describe(settings)} refused: {_reason(exc)}")
+        except (LockError, ConnectionError, TimeoutError, OSError, RedisError) as exc:
             report.problems.append(f"{section}: cannot reach {describe(settings)}: {_reason(exc)}")
-        except Exception as exc:  # a Redis error reply: auth, ACL, wrong mode
+        except Exception as exc:  # anything else the client raised, still reported per block
             report.problems.append(f"{section}: {describe(settings)} refused: {_reason(exc)}")
         if report.redis and "warning" in report.redis:
             report.warnings.append(report.redis["warning"])
