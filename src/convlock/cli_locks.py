@@ -199,6 +199,8 @@ async def _ls(store: LockStore, limit: int) -> tuple[list[dict[str, Any]], bool]
         close = getattr(found, "aclose", None)
         if close is not None:
             await close()
+    # The longest wait first: that is the conversation an operator looks for.
+    rows.sort(key=lambda row: (-(row["oldest_wait"] or 0.0), row["conversation_id"]))
     return rows, truncated
 
 

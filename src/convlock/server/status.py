@@ -129,7 +129,13 @@ async def _locks(ctx: ServerContext) -> tuple[list[LockSnapshot], bool, str | No
         close = getattr(iterator, "aclose", None)
         if close is not None:
             await close()
+    found.sort(key=_most_stuck_first)
     return found, more, None
+
+
+def _most_stuck_first(snapshot: LockSnapshot) -> tuple[float, str]:
+    waits = [lease.waited for lease in snapshot.waiting if lease.waited is not None]
+    return (-max(waits, default=0.0), snapshot.conversation_id)
 
 
 @dataclass
