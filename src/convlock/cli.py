@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -175,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     command = getattr(args, "func", None)
     if command is not None:
-        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        # No handler set up here: logging's last resort prints warnings to
+        # whatever sys.stderr is at the time, which suits a short command.
         status: int = command(args)
         return status
     try:

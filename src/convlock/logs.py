@@ -84,16 +84,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes each record to whatever ``sys.stderr`` is when the record is emitted.
+
+    So a process (or a test) that swaps ``sys.stderr`` later is never left
+    with a handler on a closed stream.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "info", fmt: LogFormat = "text", secrets: Iterable[str] = ()) -> None:
     """Send every logger's records to stderr in ``fmt``, at ``level`` and above, secrets masked.
 
-    Replaces the root logger's handlers, so calling it again reconfigures.
+    Replaces the handler an earlier call installed (others, such as a test
+    runner's, are left alone), so calling it again reconfigures.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     secrets = tuple(secrets)
     handler.setFormatter(JsonFormatter(secrets) if fmt == "json" else RedactingFormatter(secrets=secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, _StderrHandler):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

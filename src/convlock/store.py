@@ -181,12 +181,13 @@ class LockStore(abc.ABC):
         Events of locks already held or waiting when it is added may be
         seen only in part (a release without its grant).
         """
-        self._observer = combine(self._observer, observer)
+        # getattr: a user's store may not have called LockStore.__init__.
+        self._observer = combine(getattr(self, "_observer", None), observer)
 
     @property
     def observer(self) -> LockObserver | None:
         """The observer this store calls, or None."""
-        return self._observer
+        return getattr(self, "_observer", None)
 
     @abc.abstractmethod
     def lock(

@@ -78,7 +78,11 @@ _SCHEMAS: dict[str, Any] = {
     "Lease": {
         "type": "object",
         "required": ["ticket", "expires_in"],
-        "properties": {"ticket": {"type": "integer"}, "expires_in": {"type": "number"}},
+        "properties": {
+            "ticket": {"type": "integer"},
+            "expires_in": {"type": "number"},
+            "waited": {"type": "number", "description": "Seconds a waiting ticket has waited (waiters only)"},
+        },
     },
     "LockSnapshot": {
         "type": "object",
