@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import LockLostError, LockTimeoutError
 from .ids import MAX_CONVERSATION_ID_BYTES, check_conversation_id
+from .observe import LockObserver
 from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
 from .tickets import INF, Terms, Ticket, TicketBook
 
@@ -86,11 +87,6 @@ class _Hold(Ticket, HeldLock):
             book.heads[cid] = self
         elif not book.issue(cid, self):
             await store._wait(self)
-            return self
-        observer = store._observer
-        if observer is not None:
-            self._granted_at = time.monotonic()
-            observer.granted(cid, self.number, 0.0, "immediate")
         return self
 
     async def __aexit__(
@@ -101,10 +97,6 @@ class _Hold(Ticket, HeldLock):
     ) -> None:
         store = self._store
         cid = self.conversation_id
-        observer = store._observer
-        if observer is not None:
-            granted_at = getattr(self, "_granted_at", None)
-            observer.released(cid, self.number, 0.0 if granted_at is None else time.monotonic() - granted_at)
         heads = store._book.heads
         if self.waiting is None and heads.get(cid) is self:
             del heads[cid]  # TicketBook.release with nobody waiting, inlined.
@@ -112,6 +104,38 @@ class _Hold(Ticket, HeldLock):
             granted = store._book.release(cid, self)
             if granted is not None:
                 store._grant(cid, granted)
+
+
+class _ObservedHold(_Hold):
+    """A hold of a store that has an observer: reports its grant and release.
+
+    A separate class, chosen by ``lock()``, so that a store without an
+    observer runs :class:`_Hold`'s cycle untouched. A grant after a wait is
+    reported by ``InMemoryLockStore._wait`` (which sets ``_since``).
+    """
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> _Hold:
+        await _Hold.__aenter__(self)
+        observer = self._store._observer
+        if observer is not None and getattr(self, "_since", None) is None:
+            self._granted_at = time.monotonic()
+            observer.granted(self.conversation_id, self.number, 0.0, "immediate")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        observer = self._store._observer
+        if observer is not None:
+            granted_at = getattr(self, "_granted_at", None)
+            held = 0.0 if granted_at is None else time.monotonic() - granted_at
+            observer.released(self.conversation_id, self.number, held)
+        await _Hold.__aexit__(self, exc_type, exc, tb)
 
 
 _new_hold = object.__new__
@@ -137,6 +161,8 @@ class InMemoryLockStore(LockStore):
         self._book = TicketBook(time.monotonic)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
+        #: _ObservedHold once an observer is added (see add_observer).
+        self._hold_type: type[_Hold] = _Hold
         # Counted on slow paths only, so the uncontended cycle pays nothing.
         self._contended = 0
         self._timeouts = 0
@@ -169,7 +195,7 @@ class InMemoryLockStore(LockStore):
                 bool(renew),
                 self.wait_timeout if wait_timeout is None else check_seconds("wait_timeout", wait_timeout),
             )
-        hold = _new_hold(_Hold)
+        hold = _new_hold(self._hold_type)
         hold.number = 0
         hold.terms = terms
         hold.expires_at = INF
@@ -347,6 +373,11 @@ class InMemoryLockStore(LockStore):
             )
         self._disarm_if_uncontended(conversation_id)
         return taken.number, False
+
+    def add_observer(self, observer: LockObserver) -> None:
+        """See :meth:`LockStore.add_observer`; holds made from now on report to it."""
+        super().add_observer(observer)
+        self._hold_type = _ObservedHold
 
     async def aclose(self) -> None:
         """Refuse new locks. Holders and waiters already queued are served as usual."""
