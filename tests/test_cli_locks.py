@@ -268,3 +268,15 @@ def test_exit_codes_for_missing_things_and_bad_setups(redis_server: RedisProcess
     usage = cli("locks", "release", "x", "--ticket", "zero", "--endpoints", str(endpoints))
     assert usage.returncode == 2
     assert "expected a whole number" in usage.stderr
+
+
+def test_the_table_cannot_be_forged_by_an_id() -> None:
+    from convlock.cli_locks import format_table, printable
+
+    assert printable("alice") == "alice"
+    assert printable("evil\nalice  1  0") == "'evil\\nalice  1  0'", "a newline would forge a row"
+    assert printable("\x1b[31mred") == "'\\x1b[31mred'", "terminal escapes are shown, not run"
+    assert printable(" padded") == "' padded'"
+    rows = [{"conversation_id": "a\nb", "holder_ticket": 7, "waiting": 0, "oldest_wait": None, "lease_left": 1.25}]
+    table = format_table(rows, truncated=False, limit=10)
+    assert table.splitlines()[1].split() == ["'a\\nb'", "7", "0", "-", "1.2s"]
