@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from convlock.cli import main
-from redis_procs import RedisProcess, free_port
+from redis_procs import ClusterSetup, RedisProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-c", "import sys; from convlock.cli import main; sys.exit(main())"]
@@ -280,3 +280,28 @@ def test_the_table_cannot_be_forged_by_an_id() -> None:
     rows = [{"conversation_id": "a\nb", "holder_ticket": 7, "waiting": 0, "oldest_wait": None, "lease_left": 1.25}]
     table = format_table(rows, truncated=False, limit=10)
     assert table.splitlines()[1].split() == ["'a\\nb'", "7", "0", "-", "1.2s"]
+
+
+@pytest.mark.slow
+def test_ls_show_and_release_on_a_redis_cluster(
+    redis_cluster: ClusterSetup, tmp_path: Path, workers: list[Worker]
+) -> None:
+    connection = {"deployment_mode": "cluster", "endpoints": redis_cluster.endpoints(), "socket_timeout": 2,
+                  "key_prefix": "ops-cluster"}
+    endpoints = tmp_path / "endpoints.yml"
+    endpoints.write_text(yaml.safe_dump({
+        "lock_store": {"type": "redis", "lifetime": 30, **connection},
+        "tracker_store": {"type": "redis", **connection},
+    }), encoding="utf-8")
+    names = ["c-one", "c-two", "c-three"]  # spread over the cluster's nodes
+    holders = {name: Worker("hold", endpoints, name) for name in names}
+    workers.extend(holders.values())
+    tickets = {name: int(worker.line().split()[1]) for name, worker in holders.items()}
+    assert len({redis_cluster.node_for_key(f"ops-cluster:{{{name}}}:s").port for name in names}) > 1
+
+    listed = json.loads(cli("locks", "ls", "--endpoints", str(endpoints), "--json").stdout)
+    assert {lock["conversation_id"]: lock["holder_ticket"] for lock in listed["locks"]} == tickets
+    released = cli("locks", "release", "c-two", "--endpoints", str(endpoints))
+    assert released.returncode == 0
+    assert f"revoked ticket {tickets['c-two']}" in released.stdout
+    assert cli("locks", "show", "c-two", "--endpoints", str(endpoints)).returncode == 1
