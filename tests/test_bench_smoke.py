@@ -54,3 +54,11 @@ def test_server_bench_prints_rates_latencies_and_lock_share() -> None:
         assert len(row.removeprefix(setup).split()) == 7, row
         assert row.rstrip().endswith("%")
     assert any(line.startswith("2 replicas / 1 replica throughput: ") for line in lines)
+
+
+def test_locks_ls_bench_prints_its_figures() -> None:
+    result = run_bench("locks_ls.py", "--idle", "5000", "--blocks", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("listing") and "ratio" in line for line in lines), result.stdout
+    assert any(line.startswith("longest block") and "one KEYS" in line for line in lines), result.stdout
