@@ -148,6 +148,19 @@ def test_a_standalone_setting_against_a_cluster_node_is_a_warning(
     redis_cluster: ClusterSetup, tmp_path: Path
 ) -> None:
     node = redis_cluster.nodes[0]
-    code, out = check(write(tmp_path, {"tracker_store": redis_block(node)}))
+    code, out = check(write(tmp_path, {"lock_store": redis_block(node), "tracker_store": redis_block(node)}))
     assert "tracker_store.deployment_mode: the server is a Redis Cluster node" in out
     assert code == 0
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"tracker_store": {"type": "redis"}}, "lock_store.type: the in-memory lock store restarts its tickets"),
+    ({"lock_store": {"type": "redis", "lifetime": 60}, "tracker_store": {"type": "redis", "expire_after": 100}},
+     "tracker_store.expire_after: got 100"),
+])
+def test_blocks_valid_alone_but_not_together_are_refused_as_the_server_would(
+    tmp_path: Path, config: dict[str, Any], message: str
+) -> None:
+    code, out = check(write(tmp_path, config), "--no-connect")
+    assert code == 2
+    assert message in out

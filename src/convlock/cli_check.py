@@ -101,8 +101,14 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _validate(section: str, block: Any, report: BlockReport) -> RedisSettings | None:
-    """Validate one block as the server would; return its settings when it names a Redis."""
+def _validate(
+    section: str, block: Any, report: BlockReport, built: dict[str, object]
+) -> RedisSettings | None:
+    """Validate one block as the server would; return its settings when it names a Redis.
+
+    The store built (not connected) is left in ``built[section]`` for the
+    checks across blocks.
+    """
     from .factory import create_lock_store
 
     builder: Callable[[Any], Any]
@@ -128,6 +134,7 @@ def _validate(section: str, block: Any, report: BlockReport) -> RedisSettings | 
         config_logger.removeHandler(collector)
         config_logger.propagate = propagate
     report.warnings.extend(collector.messages)
+    built[section] = store
     close = getattr(store, "aclose", None)
     if close is not None:
         asyncio.run(close())
@@ -196,14 +203,14 @@ def check(path: str, *, connect: bool = True) -> tuple[list[BlockReport], list[s
         f"section {name!r} is not used by convlock (ignored)" for name in config if name not in KNOWN_SECTIONS
     ]
     reports = []
+    built: dict[str, object] = {}
     for section in KNOWN_SECTIONS:
         report = BlockReport(section)
         reports.append(report)
         if section not in config:
             report.type = "in_memory"
             report.warnings.append(f"no {section}: block; the in-memory default is used")
-            continue
-        settings = _validate(section, config[section], report)
+        settings = _validate(section, config.get(section), report, built)
         if settings is None or not connect:
             continue
         from redis.exceptions import AuthenticationError, RedisError, ResponseError
@@ -224,6 +231,14 @@ def check(path: str, *, connect: bool = True) -> tuple[list[BlockReport], list[s
             report.problems.append(f"{section}: {describe(settings)} refused: {_reason(exc)}")
         if report.redis and "warning" in report.redis:
             report.warnings.append(report.redis["warning"])
+    if len(built) == len(KNOWN_SECTIONS):
+        # The server's own refusals of blocks that are valid alone but not together.
+        from .server.options import ServerOptions, _check_combination
+
+        try:
+            _check_combination(ServerOptions(), built["lock_store"], built["tracker_store"])
+        except ConfigError as exc:
+            reports[-1].problems.append(str(exc))
     return reports, notes
 
 
