@@ -77,6 +77,17 @@ back; the store's ``aclose()`` waits for those. A release that cannot reach Redi
 logged and counted, not raised: the work is done, and the lease lets the
 next ticket in within ``lifetime``.
 
+Operations
+----------
+Every lock event goes to the store's observer when it has one
+(:mod:`convlock.observe`; metrics and logs hang off it); each call sits
+beside a round trip, so it costs nothing worth measuring. ``revoke()`` runs
+the ``revoke`` script: the holder is revoked as by ``force_release()``, or
+only if it still holds the ticket named; a waiting ticket leaves the queue
+and its wake-up list receives ``scripts.REVOKED_MARK`` instead of a grant,
+so its waiter raises ``LockLostError`` at once (or at its next ``check``,
+which then answers -2). ``conversations()`` pages through ``SCAN``.
+
 Trade-offs and open questions
 -----------------------------
 * A draw whose reply is lost (the caller was cancelled, or timed out, after
