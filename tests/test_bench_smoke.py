@@ -73,3 +73,10 @@ def test_rasa_bench_prints_the_ratio_and_the_contended_workload() -> None:
     assert " 0 lost updates, 0 LockError" in row, row
     assert any(line.startswith("contended time convlock: ") for line in lines), result.stdout
     assert "keys left in Redis: 0" in lines, result.stdout
+
+def test_locks_ls_bench_prints_its_figures() -> None:
+    result = run_bench("locks_ls.py", "--idle", "5000", "--blocks", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("listing") and "ratio" in line for line in lines), result.stdout
+    assert any(line.startswith("longest block") and "one KEYS" in line for line in lines), result.stdout

@@ -1,5 +1,9 @@
 """The ``convlock`` command line: ``convlock run`` starts the message server.
 
+The operations commands live in their own modules and register here:
+``convlock locks ...`` (:mod:`convlock.cli_locks`) and ``convlock
+check-config`` (:mod:`convlock.cli_check`).
+
 ``main(argv)`` returns the exit status: 0 after a clean shutdown (SIGTERM or
 Ctrl+C included), 2 for a bad command line or configuration (one message
 naming the key or flag, no traceback), 1 when the server could not start
@@ -133,6 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     from .verify import cli as verify_cli
 
     verify_cli.add_parser(commands)
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line (default text); secrets are masked in both",
+    )
+    from . import cli_check, cli_locks
+
+    cli_locks.add_parser(commands)
+    cli_check.add_parser(commands)
     return parser
 
 
@@ -183,7 +197,10 @@ def _run(args: argparse.Namespace) -> int:
         metrics_public=args.metrics_public,
         webhook_token=args.webhook_token or None,
         webhook_hmac_secret=args.webhook_hmac_secret or None,
+        log_level=args.log_level,
+        log_format=args.log_format,
     )
+    options.configure_logging()
     ctx = build_context(options)  # raises ConfigError before anything listens
     _warn_about_access(args.host, ctx.access)
     shutdown_timeout = args.shutdown_timeout or args.handler_timeout + 10
@@ -202,6 +219,8 @@ def _run(args: argparse.Namespace) -> int:
         # app sees them) and what the benchmarks measure.
         "http": "h11",
         "loop": "asyncio",
+        # Our root handler formats (and masks) uvicorn's records as well.
+        "log_config": None,
     }
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _ignore)
@@ -267,19 +286,13 @@ def _warn_about_access(host: str, access: AccessSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convlock`` console script; returns the exit status."""
     args = _parser().parse_args(list(argv) if argv is not None else None)
-    command_main = getattr(args, "command_main", None)
-    if command_main is not None:
-        return int(command_main(args))  # a sub-command with its own module (verify)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from .redact import install_log_redaction, register_secret
-
-    for name in ("auth_token", "webhook_token", "webhook_hmac_secret"):
-        register_secret(getattr(args, name, None))
-    install_log_redaction()
+    command = getattr(args, "func", None)
+    if command is not None:
+        # A sub-command with its own module (verify, locks, check-config).
+        # No handler set up here: logging's last resort prints warnings to
+        # whatever sys.stderr is at the time, which suits a short command.
+        status: int = command(args)
+        return status
     try:
         return _run(args)
     except ConfigError as exc:

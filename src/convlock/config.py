@@ -208,6 +208,17 @@ class RedisSettings(_Settings):
                 raise ValueError(f"each endpoint must look like 'host:port', got {item!r}")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        # A URL here would carry its password into every message that names the host.
+        if "://" in value or "@" in value:
+            raise ValueError(
+                "url is the host name alone (as in the spec), not a URL; write e.g. 'redis.internal' and "
+                "give the password with the password key"
+            )
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
@@ -265,7 +276,7 @@ class LockStoreSettings(StoreSettings):
 
 
 #: Keys whose values are never quoted back in an error message.
-SECRET_KEYS = frozenset({"password", "token", "secret", "auth_token", "sentinel_password"})
+SECRET_KEYS = frozenset({"password", "username", "token", "secret", "auth_token", "sentinel_password"})
 
 
 def describe(value: Any, *, key: str = "") -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import LockLostError, LockTimeoutError
 from .ids import MAX_CONVERSATION_ID_BYTES, check_conversation_id
+from .observe import LockObserver
 from .store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
 from .tickets import INF, Terms, Ticket, TicketBook
 
@@ -49,10 +50,14 @@ class _Hold(Ticket, HeldLock):
     ``_future`` is set only by ``_wait()``, on the contended path.
     """
 
-    __slots__ = ("_future", "_store", "conversation_id")
+    __slots__ = ("_future", "_granted_at", "_since", "_store", "conversation_id")
 
     _store: InMemoryLockStore
     _future: asyncio.Future[None] | None
+    # Set only on slow paths or when the store has an observer, so the
+    # uncontended cycle without one writes neither.
+    _granted_at: float
+    _since: float
 
     @property
     def ticket(self) -> int:
@@ -101,6 +106,38 @@ class _Hold(Ticket, HeldLock):
                 store._grant(cid, granted)
 
 
+class _ObservedHold(_Hold):
+    """A hold of a store that has an observer: reports its grant and release.
+
+    A separate class, chosen by ``lock()``, so that a store without an
+    observer runs :class:`_Hold`'s cycle untouched. A grant after a wait is
+    reported by ``InMemoryLockStore._wait`` (which sets ``_since``).
+    """
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> _Hold:
+        await _Hold.__aenter__(self)
+        observer = self._store._observer
+        if observer is not None and getattr(self, "_since", None) is None:
+            self._granted_at = time.monotonic()
+            observer.granted(self.conversation_id, self.number, 0.0, "immediate")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        observer = self._store._observer
+        if observer is not None:
+            granted_at = getattr(self, "_granted_at", None)
+            held = 0.0 if granted_at is None else time.monotonic() - granted_at
+            observer.released(self.conversation_id, self.number, held)
+        await _Hold.__aexit__(self, exc_type, exc, tb)
+
+
 _new_hold = object.__new__
 
 
@@ -124,6 +161,8 @@ class InMemoryLockStore(LockStore):
         self._book = TicketBook(time.monotonic)
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
+        #: _ObservedHold once an observer is added (see add_observer).
+        self._hold_type: type[_Hold] = _Hold
         # Counted on slow paths only, so the uncontended cycle pays nothing.
         self._contended = 0
         self._timeouts = 0
@@ -156,7 +195,7 @@ class InMemoryLockStore(LockStore):
                 bool(renew),
                 self.wait_timeout if wait_timeout is None else check_seconds("wait_timeout", wait_timeout),
             )
-        hold = _new_hold(_Hold)
+        hold = _new_hold(self._hold_type)
         hold.number = 0
         hold.terms = terms
         hold.expires_at = INF
@@ -170,6 +209,10 @@ class InMemoryLockStore(LockStore):
         self._contended += 1
         cid = hold.conversation_id
         future = hold._future = asyncio.get_running_loop().create_future()
+        hold._since = time.monotonic()
+        observer = self._observer
+        if observer is not None:
+            observer.waiting(cid, hold.number)
         self._arm_expiry(cid)
         try:
             if hold.terms.wait_timeout is None:
@@ -182,17 +225,31 @@ class InMemoryLockStore(LockStore):
             if granted is not None:
                 self._grant(cid, granted)
             self._disarm_if_uncontended(cid)
+            waited = time.monotonic() - hold._since
+            observer = self._observer
             if isinstance(exc, TimeoutError):
                 self._timeouts += 1
+                if observer is not None:
+                    observer.timed_out(cid, hold.number, waited)
                 raise LockTimeoutError(
                     f"waited {hold.terms.wait_timeout:g}s for conversation {cid!r} "
                     f"without being served (ticket {hold.number} withdrawn)",
                     conversation_id=cid,
                 ) from None
+            if isinstance(exc, LockLostError):  # revoked by an operator while waiting
+                if observer is not None:
+                    observer.abandoned(cid, hold.number, waited, "revoked")
+                raise
             self._cancelled += 1
+            if observer is not None:
+                observer.abandoned(cid, hold.number, waited, "cancelled")
             raise
         finally:
             hold._future = None
+        observer = self._observer
+        if observer is not None:
+            hold._granted_at = now = time.monotonic()
+            observer.granted(cid, hold.number, now - hold._since, "handoff")
 
     def _grant(self, conversation_id: str, granted: Ticket) -> None:
         """Wake the owner of a ticket the book has just granted."""
@@ -233,6 +290,8 @@ class InMemoryLockStore(LockStore):
         granted = self._book.expire(conversation_id)
         if head is not None and head.revoked:
             self._lapsed += 1
+            if self._observer is not None:
+                self._observer.lapsed(conversation_id, head.number)
             # A lapse means a holder ran past its lease: worth an operator's eye.
             logger.warning(
                 "lease of ticket %d on conversation %r lapsed after %gs; serving %s",
@@ -253,13 +312,15 @@ class InMemoryLockStore(LockStore):
             return None
         now = time.monotonic()
 
-        def lease(ticket: Ticket) -> TicketLease:
+        def lease(ticket: Ticket, *, waits: bool) -> TicketLease:
             # A renewing lease is renewed on observation: it has a full lifetime left.
             left = ticket.terms.lifetime if ticket.expires_at == INF else ticket.expires_at - now
-            return TicketLease(ticket.number, max(0.0, left))
+            since = getattr(ticket, "_since", None) if waits else None
+            waited = None if since is None else max(0.0, now - since)
+            return TicketLease(ticket.number, max(0.0, left), waited)
 
-        waiting = tuple(lease(t) for t in head.waiting or ())
-        return LockSnapshot(conversation_id, lease(head), waiting)
+        waiting = tuple(lease(t, waits=True) for t in head.waiting or ())
+        return LockSnapshot(conversation_id, lease(head, waits=False), waiting)
 
     async def conversations(self) -> AsyncIterator[str]:
         for conversation_id in self._book:
@@ -273,11 +334,50 @@ class InMemoryLockStore(LockStore):
         if revoked is None:
             return None
         self._forced += 1
+        if self._observer is not None:
+            self._observer.revoked(conversation_id, revoked.number, holder=True)
         if granted is not None:
             self._grant(conversation_id, granted)
         else:
             self._disarm_if_uncontended(conversation_id)
         return revoked.number
+
+    async def revoke(self, conversation_id: str, ticket: int | None = None) -> tuple[int, bool] | None:
+        """Revoke the holder, or ``ticket`` whether it holds or waits; see :meth:`LockStore.revoke`.
+
+        A revoked waiter's ``lock()`` raises ``LockLostError`` at once.
+        """
+        check_conversation_id(conversation_id)
+        self._expire(conversation_id)
+        head = self._book.head(conversation_id)
+        if head is None:
+            return None
+        if ticket is None or head.number == ticket:
+            revoked = await self.force_release(conversation_id)
+            return None if revoked is None else (revoked, True)
+        taken = self._book.revoke_waiting(conversation_id, ticket)
+        if taken is None:
+            return None
+        self._forced += 1
+        if self._observer is not None:
+            self._observer.revoked(conversation_id, taken.number, holder=False)
+        assert isinstance(taken, _Hold)
+        future = taken._future
+        if future is not None and not future.done():
+            future.set_exception(
+                LockLostError(
+                    f"ticket {taken.number} of conversation {conversation_id!r} was revoked by an "
+                    "operator before it was served",
+                    conversation_id=conversation_id,
+                )
+            )
+        self._disarm_if_uncontended(conversation_id)
+        return taken.number, False
+
+    def add_observer(self, observer: LockObserver) -> None:
+        """See :meth:`LockStore.add_observer`; holds made from now on report to it."""
+        super().add_observer(observer)
+        self._hold_type = _ObservedHold
 
     async def aclose(self) -> None:
         """Refuse new locks. Holders and waiters already queued are served as usual."""

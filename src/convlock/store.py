@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from .errors import ConfigError, LockError
+from .observe import LockObserver, combine
 
 __all__ = [
     "DEFAULT_LIFETIME",
@@ -86,15 +87,21 @@ class TicketLease:
 
     ``expires_in`` is the number of seconds until the lease lapses unless it
     is renewed, measured on the store's own clock, so snapshots from hosts
-    with different wall clocks compare correctly.
+    with different wall clocks compare correctly. ``waited`` is how long a
+    waiting ticket has waited so far (seconds since it was drawn), when the
+    store knows it; None for the holder.
     """
 
     ticket: int
     expires_in: float
+    waited: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready form."""
-        return {"ticket": self.ticket, "expires_in": round(self.expires_in, 6)}
+        """A JSON-ready form (``waited`` only when known)."""
+        out: dict[str, Any] = {"ticket": self.ticket, "expires_in": round(self.expires_in, 6)}
+        if self.waited is not None:
+            out["waited"] = round(self.waited, 6)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +172,22 @@ class LockStore(abc.ABC):
         self.lifetime: float = check_seconds("lifetime", lifetime) or default_lifetime()
         #: Default bound on waiting, or None to wait as long as it takes.
         self.wait_timeout: float | None = check_seconds("wait_timeout", wait_timeout)
+        #: Receives lock events (see :mod:`convlock.observe`); None costs nothing.
+        self._observer: LockObserver | None = None
+
+    def add_observer(self, observer: LockObserver) -> None:
+        """Send this store's lock events to ``observer`` as well (metrics, logs).
+
+        Events of locks already held or waiting when it is added may be
+        seen only in part (a release without its grant).
+        """
+        # getattr: a user's store may not have called LockStore.__init__.
+        self._observer = combine(getattr(self, "_observer", None), observer)
+
+    @property
+    def observer(self) -> LockObserver | None:
+        """The observer this store calls, or None."""
+        return getattr(self, "_observer", None)
 
     @abc.abstractmethod
     def lock(
@@ -214,6 +237,24 @@ class LockStore(abc.ABC):
         holder's ``held.lost`` becomes true and its release does nothing. This
         is an operator's tool for a holder known to be stuck.
         """
+
+    async def revoke(self, conversation_id: str, ticket: int | None = None) -> tuple[int, bool] | None:
+        """Revoke the holder, or the one ``ticket`` named, atomically; serve the next ticket.
+
+        Returns ``(ticket, was_holder)``, or None when nothing was held
+        (``ticket`` None) or no live ticket has that number. Revoking the
+        holder is :meth:`force_release`, but with ``ticket`` it happens only
+        if that ticket still holds, so an operator never revokes a holder
+        that took over after they looked. A revoked waiter's ``lock()``
+        raises ``LockLostError`` instead of being served.
+
+        The default implementation handles ``ticket`` None only; stores
+        that can revoke a waiter override it.
+        """
+        if ticket is not None:
+            raise NotImplementedError(f"{type(self).__name__} cannot revoke one ticket; revoke the holder")
+        revoked = await self.force_release(conversation_id)
+        return None if revoked is None else (revoked, True)
 
     async def ping(self) -> None:  # noqa: B027  (optional hook: nothing to check in memory)
         """Check that the backend answers; raise ``LockStoreUnavailable`` if not."""

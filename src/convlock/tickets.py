@@ -241,6 +241,24 @@ class TicketBook:
         head.expires_at = REVOKED
         return head, self._grant_next(conversation_id, head)
 
+    def revoke_waiting(self, conversation_id: str, number: int) -> Ticket | None:
+        """Take the waiting ticket numbered ``number`` out of the queue, marked revoked.
+
+        Returns it, or None when no ticket with that number waits. The
+        order of the others does not change and nobody is granted.
+        """
+        head = self.heads.get(conversation_id)
+        if head is None or head.waiting is None:
+            return None
+        for ticket in head.waiting:
+            if ticket.number == number:
+                head.waiting.remove(ticket)
+                if not head.waiting:
+                    head.waiting = None
+                ticket.expires_at = REVOKED
+                return ticket
+        return None
+
     def _grant_next(self, conversation_id: str, head: Ticket) -> Ticket | None:
         queue = head.waiting
         head.waiting = None

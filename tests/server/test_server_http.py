@@ -424,7 +424,7 @@ def test_openapi_document_describes_every_route(client: httpx.Client) -> None:
     assert document["openapi"].startswith("3.0")
     assert set(document["paths"]) == {
         "/webhooks/rest/webhook", "/health", "/conversations/{conversation_id}/tracker",
-        "/locks", "/locks/{conversation_id}", "/metrics",
+        "/locks", "/locks/{conversation_id}", "/metrics", "/status",
     }
 
 
@@ -452,7 +452,7 @@ def test_schemathesis_finds_no_server_error(server: ServerProcess, client: httpx
         capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "Tested: 7" in result.stdout, result.stdout[-3000:]
+    assert "Tested: 8" in result.stdout, result.stdout[-3000:]
     assert webhook_requests(client) - posted_before >= 20, "the fuzzer should have posted many messages"
 
 

@@ -59,6 +59,8 @@ __all__ = [
     "MIN_LEASE_US",
     "RELEASE",
     "RENEW",
+    "REVOKE",
+    "REVOKED_MARK",
     "SWEEP",
     "WITHDRAW",
     "LuaScript",
@@ -67,6 +69,9 @@ __all__ = [
 #: How long a conversation's keys outlive its furthest lease. Only matters
 #: when every owner died; otherwise keys are deleted when the queue empties.
 KEY_TTL_MARGIN_MS = 1000
+
+#: What REVOKE pushes on a revoked waiter's wake-up list instead of a grant's 'g'.
+REVOKED_MARK = "revoked"
 
 
 @dataclass(frozen=True)
@@ -357,7 +362,8 @@ CHECK = _script(
 -- A waiter's periodic look, in case its wake-up was lost or the holder's
 -- lease ended: serve the queue, and renew the waiter's own lease.
 -- ARGV[1]: ticket. Returns {state, holder's lease left (us)} where state is
--- 1 granted, 0 still waiting (lease renewed), -1 gone (it lapsed).
+-- 1 granted, 0 still waiting (lease renewed), -1 gone (it lapsed), -2
+-- revoked by an operator (REVOKE) while it waited.
 local ticket = ARGV[1]
 local head, head_ends = serve(ticket, '')
 if head == ticket then
@@ -365,6 +371,9 @@ if head == ticket then
   return {1, head_ends - now}
 end
 local length = redis.call('HGET', s, 'l' .. ticket)
+if not length and redis.call('LINDEX', wake .. ticket, 0) == 'REVOKED_MARK' then
+  return {-2, 0}
+end
 if not length or not head then
   return {-1, 0}
 end
@@ -372,7 +381,7 @@ local ends = now + tonumber(length)
 redis.call('HSET', s, 'e' .. ticket, fmt(ends))
 cover(ends, false)
 return {0, head_ends - now}
-""",
+""".replace("REVOKED_MARK", REVOKED_MARK),
 )
 
 RENEW = _script(
@@ -399,8 +408,10 @@ INSPECT = _script(
     "inspect",
     """
 -- A snapshot: {ticket, lease left (us), ...} holder first, then waiters in
--- queue order; empty when idle. Waiters whose lease ended are left out
--- (they are dropped when they reach the front).
+-- queue order, then the server time (us), which tells how long each waiter
+-- has waited (a ticket is its draw time in us, bar the +1 of
+-- next_fencing_token); empty when idle. Waiters whose lease ended are left
+-- out (they are dropped when they reach the front).
 local head, head_ends = serve(nil, '')
 if not head then
   return {}
@@ -413,6 +424,7 @@ for _, t in ipairs(redis.call('ZRANGE', q, 0, -1)) do
     out[#out + 1] = ends - now
   end
 end
+out[#out + 1] = now
 return out
 """,
 )
@@ -433,6 +445,42 @@ redis.call('DEL', wake .. head)
 redis.call('HDEL', s, 'h', 'e', 'l', 'o')
 return handoff(head, tag)
 """,
+)
+
+REVOKE = _script(
+    "revoke",
+    _HANDOFF_REPLY
+    + """
+-- An operator's revocation of one ticket: ARGV[1] is the ticket, or '' for
+-- whoever holds; ARGV[2] the caller's tag. The holder is revoked only if it
+-- is that ticket, and the next is served; a waiter leaves the queue and
+-- finds REVOKED_MARK on its wake-up list instead of a grant. Returns
+-- {ticket, 1, handed, holder, left} for a holder (see _HANDOFF_REPLY),
+-- {ticket, 0, 0, 0, 0} for a waiter, {0, 0, 0, 0, 0} when no such ticket.
+local ticket = ARGV[1]
+local tag = ARGV[2] or ''
+local head = serve(nil, '')
+if not head then
+  return {0, 0, 0, 0, 0}
+end
+if ticket == '' or ticket == head then
+  redis.call('DEL', wake .. head)
+  redis.call('HDEL', s, 'h', 'e', 'l', 'o')
+  local reply = handoff(head, tag)
+  return {reply[1], 1, reply[2], reply[3], reply[4]}
+end
+local length = redis.call('HGET', s, 'l' .. ticket)
+if not length or redis.call('ZREM', q, ticket) == 0 then
+  return {0, 0, 0, 0, 0}
+end
+redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket, 'o' .. ticket)
+count()
+local w = wake .. ticket
+redis.call('DEL', w)
+redis.call('RPUSH', w, 'REVOKED_MARK')
+redis.call('PEXPIRE', w, fmt(math.ceil(tonumber(length) / 1000) + MARGIN))
+return {ticket, 0, 0, 0, 0}
+""".replace("REVOKED_MARK", REVOKED_MARK).replace("MARGIN", str(KEY_TTL_MARGIN_MS)),
 )
 
 SWEEP = _script(
@@ -493,5 +541,7 @@ return 1
 """,
 )
 
-ALL: tuple[LuaScript, ...] = (ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, SWEEP, WITHDRAW, DOORBELL)
+ALL: tuple[LuaScript, ...] = (
+    ISSUE, RELEASE, CHECK, RENEW, INSPECT, FORCE_RELEASE, REVOKE, SWEEP, WITHDRAW, DOORBELL
+)
 """Every script, for loading them all at once (``SCRIPT LOAD``)."""

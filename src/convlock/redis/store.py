@@ -86,6 +86,18 @@ back; the store's ``aclose()`` waits for those. A release that cannot reach
 Redis is logged and counted, not raised: the work is done, and the lease
 lets the next ticket in within ``lifetime``.
 
+Operations
+----------
+Every lock event goes to the store's observer when it has one
+(:mod:`convlock.observe`; metrics and logs hang off it); each call sits
+beside a round trip or an in-process hand-off. ``revoke()`` runs the
+``revoke`` script: the holder is revoked as by ``force_release()``, or only
+if it still holds the ticket named; a waiting ticket leaves the queue and
+its wake-up list receives ``scripts.REVOKED_MARK`` instead of a grant, so
+its waiter raises ``LockLostError`` at once if a reader watches it, else at
+its next ``check`` (within ``lifetime/3``), which answers -2.
+``conversations()`` pages through ``SCAN``.
+
 Trade-offs and open questions
 -----------------------------
 * A draw whose reply is lost (the caller was cancelled, or timed out, after
@@ -124,6 +136,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..config import LockStoreSettings, RedisSettings
 from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from ..ids import check_conversation_id
+from ..observe import GrantReason
 from ..store import HeldLock, LockSnapshot, LockStore, TicketLease, check_seconds, entry_refusal
 from ..tickets import check_lifetime, next_look, renew_interval
 from . import scripts
@@ -140,6 +153,7 @@ _US = 1_000_000
 #: How soon a renewal that could not reach Redis is tried again, as a share of the lifetime.
 _RENEW_RETRY_SHARE = 0.1
 _SCAN_BATCH = 200
+_REVOKED = scripts.REVOKED_MARK.encode()
 #: The share of ``max_connections`` that wake-up readers may use (at least one,
 #: at most this many): the rest is for short commands.
 _READER_SHARE = 0.2
@@ -154,9 +168,11 @@ class _RedisHold(HeldLock):
     """One ``lock()`` call: its context manager, its ticket, and the ``held`` handle."""
 
     __slots__ = (
+        "_cut",
         "_deadline",
         "_draw",
         "_granted",
+        "_granted_at",
         "_holder_ends",
         "_keys",
         "_lifetime",
@@ -171,6 +187,7 @@ class _RedisHold(HeldLock):
         "_signal",
         "_store",
         "_wait_timeout",
+        "_waited_from",
         "_waiting",
         "conversation_id",
     )
@@ -203,6 +220,9 @@ class _RedisHold(HeldLock):
         # wake-up messages and renewals (see RedisLockStore._wait).
         self._waiting = False
         self._granted = False
+        self._granted_at = math.nan
+        self._cut = False  # revoked by an operator while it waited
+        self._waited_from = 0.0
         self._requeue = False
         self._holder_ends = math.inf
         self._probe_sent = 0.0
@@ -229,6 +249,8 @@ class _RedisHold(HeldLock):
                 return
             self._revoked = True
             self._store._lost += 1
+            if self._store._observer is not None:
+                self._store._observer.lapsed(self.conversation_id, self._number)
         raise LockLostError.for_ticket(self.conversation_id, self._number, self._lifetime)
 
     def _wake(self) -> None:
@@ -256,6 +278,9 @@ class _RedisHold(HeldLock):
             self._number = reply
             self._deadline = sent + self._lifetime
             store._hold(self)
+            if store._observer is not None:
+                self._granted_at = now = time.monotonic()
+                store._observer.granted(self.conversation_id, reply, now - sent, "immediate")
         else:
             self._number = int(reply[0])
             await store._wait(self, int(reply[1]), sent)
@@ -272,6 +297,8 @@ class _RedisHold(HeldLock):
         store = self._store
         store._renewing.discard(self)
         store._unhold(self)
+        if store._observer is not None and not math.isnan(self._granted_at):
+            store._observer.released(self.conversation_id, self._number, time.monotonic() - self._granted_at)
         if self._revoked:
             # A renewal, ensure() or force_release saw it revoked: nothing
             # to release, but our waiters no longer have a local hold ahead.
@@ -589,12 +616,15 @@ class RedisLockStore(LockStore):
                 self._fallback_waits += 1
             front._wake()
 
-    def _grant(self, hold: _RedisHold, deadline: float) -> None:
+    def _grant(self, hold: _RedisHold, deadline: float, reason: GrantReason) -> None:
         """Hand the lock to a waiting ``hold`` of this process; its lease ends at ``deadline`` or later."""
         if not hold._waiting:
             return
         hold._granted = True
         hold._deadline = deadline
+        if self._observer is not None:
+            hold._granted_at = now = time.monotonic()
+            self._observer.granted(hold.conversation_id, hold._number, now - hold._waited_from, reason)
         self._dequeue(hold)
         self._hold(hold)
         local = self._local[hold.conversation_id]
@@ -612,7 +642,7 @@ class RedisLockStore(LockStore):
                 if waiter._number == handed:
                     self._local_handoffs += 1
                     # The script gave it a fresh lease after `sent`.
-                    self._grant(waiter, sent + waiter._lifetime)
+                    self._grant(waiter, sent + waiter._lifetime, "handoff")
                     return
             # Not waiting here any more (cancelled as it was served): its
             # withdrawal releases it.
@@ -634,7 +664,10 @@ class RedisLockStore(LockStore):
             self._wakeups += 1
             # Granted after our last "not yet" (sent at _probe_sent), with its
             # waiting lease, which was renewed no earlier than that.
-            self._grant(hold, hold._probe_sent + hold._lifetime)
+            self._grant(hold, hold._probe_sent + hold._lifetime, "handoff")
+        elif message == _REVOKED:
+            hold._cut = True
+            hold._wake()
         elif message[:1] == b"r":
             try:
                 left_us = int(message[1:])
@@ -647,6 +680,10 @@ class RedisLockStore(LockStore):
         """Park ``hold`` until granted; withdraw its ticket on any exit but success."""
         self._contended += 1
         keys = hold._keys
+        observer = self._observer
+        if observer is not None:
+            observer.waiting(hold.conversation_id, hold._number)
+        hold._waited_from = sent
         deadline = None if hold._wait_timeout is None else sent + hold._wait_timeout
         hold._signal = asyncio.Event()
         hold._probe_sent = sent
@@ -657,6 +694,13 @@ class RedisLockStore(LockStore):
         reissuing = False
         try:
             while not hold._granted:
+                if hold._cut:
+                    self._dequeue(hold)
+                    raise LockLostError(
+                        f"ticket {hold._number} of conversation {hold.conversation_id!r} was revoked by "
+                        "an operator before it was served",
+                        conversation_id=hold.conversation_id,
+                    )
                 if hold._requeue:
                     # Our waiting lease lapsed (this process stalled past it):
                     # we lost our place, so queue again at the back.
@@ -671,6 +715,9 @@ class RedisLockStore(LockStore):
                         hold._number = reply
                         hold._deadline = reissued + hold._lifetime
                         self._hold(hold)
+                        if observer is not None:
+                            hold._granted_at = now = time.monotonic()
+                            observer.granted(hold.conversation_id, reply, now - sent, "recheck")
                         break
                     hold._number = int(reply[0])
                     hold._probe_sent = reissued
@@ -707,9 +754,18 @@ class RedisLockStore(LockStore):
         except asyncio.CancelledError:
             self._cancelled += 1
             self._abandon(hold, draw=hold._draw if reissuing else None)
+            if observer is not None:
+                observer.abandoned(hold.conversation_id, hold._number, time.monotonic() - sent, "cancelled")
             raise
         except LockStoreUnavailable:
             self._abandon(hold, draw=hold._draw if reissuing else None)
+            if observer is not None:
+                observer.abandoned(hold.conversation_id, hold._number, time.monotonic() - sent, "error")
+            raise
+        except LockLostError:
+            self._unhold(hold)
+            if observer is not None:
+                observer.abandoned(hold.conversation_id, hold._number, time.monotonic() - sent, "revoked")
             raise
         except LockTimeoutError:
             raise
@@ -722,6 +778,15 @@ class RedisLockStore(LockStore):
         self._rechecks += 1
         checked = time.monotonic()
         state, left_us = await self._eval(scripts.CHECK, hold._keys, hold._number)
+        logger.debug(
+            "conversation %r ticket %d: re-checked on its timer (%s)",
+            hold.conversation_id,
+            hold._number,
+            {1: "granted", 0: "still waiting", -1: "its waiting lease had lapsed", -2: "revoked"}.get(
+                int(state), state
+            ),
+            extra={"conversation_id": hold.conversation_id, "ticket": hold._number, "event": "recheck"},
+        )
         self._checked(hold, int(state), int(left_us), checked)
 
     def _checked(self, hold: _RedisHold, state: int, left_us: int, sent: float) -> None:
@@ -732,7 +797,10 @@ class RedisLockStore(LockStore):
             # The grant may be older than this check (a push we have not
             # read): the lease began after the last "not yet" and has
             # left_us left as of some moment after `sent`.
-            self._grant(hold, max(hold._probe_sent + hold._lifetime, sent + left_us / _US))
+            self._grant(hold, max(hold._probe_sent + hold._lifetime, sent + left_us / _US), "recheck")
+        elif state == -2:
+            hold._cut = True
+            hold._wake()
         elif state == 0:
             hold._probe_sent = sent
             hold._holder_ends = time.monotonic() + left_us / _US
@@ -759,6 +827,8 @@ class RedisLockStore(LockStore):
             raise
         if type(reply) is not int:
             self._handed(hold.conversation_id, reply, sent)
+        if self._observer is not None:
+            self._observer.timed_out(hold.conversation_id, hold._number, time.monotonic() - hold._waited_from)
         raise LockTimeoutError(
             f"waited {hold._wait_timeout:g}s for conversation {hold.conversation_id!r} without "
             f"being served (ticket {hold._number} withdrawn)",
@@ -864,6 +934,8 @@ class RedisLockStore(LockStore):
                 self._lost += 1
                 hold._revoked = True
                 self._renewing.discard(hold)
+                if self._observer is not None:
+                    self._observer.lapsed(hold.conversation_id, hold._number)
             elif not hold._waiting and not isinstance(reply, Exception) and reply is not None:
                 self._renewing.discard(hold)  # a stale entry: nothing to renew
             else:
@@ -885,6 +957,8 @@ class RedisLockStore(LockStore):
 
     def _unavailable_error(self, error: BaseException) -> LockStoreUnavailable:
         self._unavailable += 1
+        if self._observer is not None:
+            self._observer.store_error(error)
         if isinstance(error, TimeoutError | RedisTimeoutError):
             detail = f"no answer within socket_timeout={self._socket_timeout:g}s: {error or 'timed out'}"
         else:
@@ -921,30 +995,38 @@ class RedisLockStore(LockStore):
         reply = await self._eval(scripts.INSPECT, self._space.keys(conversation_id))
         if not reply:
             return None
+        now_us = int(reply[-1])
         leases = [
-            TicketLease(int(reply[i]), max(0.0, int(reply[i + 1]) / _US)) for i in range(0, len(reply), 2)
+            TicketLease(int(reply[i]), max(0.0, int(reply[i + 1]) / _US)) for i in range(0, len(reply) - 1, 2)
         ]
-        return LockSnapshot(conversation_id, leases[0], tuple(leases[1:]))
+        # A ticket is its draw time in microseconds on the server clock.
+        waiting = tuple(
+            TicketLease(lease.ticket, lease.expires_in, max(0.0, (now_us - lease.ticket) / _US))
+            for lease in leases[1:]
+        )
+        return LockSnapshot(conversation_id, leases[0], waiting)
 
     async def conversations(self) -> AsyncIterator[str]:
-        """Conversations held or waited for, found with SCAN (never KEYS).
+        """Conversations held or waited for, found with SCAN (never KEYS), page by page.
 
-        Each batch of candidates is served first, in one pipeline, so a
-        conversation whose holders all died is not reported.
+        Keys are read lazily, so a caller that stops early (``--limit``) stops
+        the scan; memory grows with the conversations found, not with the
+        keys scanned. Each batch of candidates is served first, in one
+        pipeline, so a conversation whose holders all died is not reported.
+        Each step of the scan is bounded by ``socket_timeout``. Close the
+        iterator (``contextlib.aclosing``) when leaving it early.
         """
+        keys = self._client.scan_iter(match=self._space.state_pattern(), count=1000, _type="hash")
         batch: list[str] = []
-        try:
-            async with asyncio.timeout(self._socket_timeout):
-                found = [
-                    key
-                    async for key in self._client.scan_iter(
-                        match=self._space.state_pattern(), count=1000, _type="hash"
-                    )
-                ]
-        except (RedisError, OSError, TimeoutError) as error:
-            raise self._unavailable_error(error) from error
         seen: set[str] = set()
-        for key in found:
+        while True:
+            try:
+                async with asyncio.timeout(self._socket_timeout):
+                    key = await anext(keys)
+            except StopAsyncIteration:
+                break
+            except (RedisError, OSError, TimeoutError) as error:
+                raise self._unavailable_error(error) from error
             conversation_id = self._space.conversation_of(key)
             if conversation_id is None or conversation_id in seen:
                 continue
@@ -980,19 +1062,57 @@ class RedisLockStore(LockStore):
         if not revoked:
             return None
         self._forced += 1
-        local = self._local.get(conversation_id)
-        if local is not None:
-            for hold in list(local.holds):
-                if hold._number == revoked:
-                    hold._revoked = True
-                    self._renewing.discard(hold)
-                    local.holds.discard(hold)
-            self._handed(conversation_id, reply, sent)
-            if not local.holds and not local.waiters:
-                self._local.pop(conversation_id, None)
-            elif conversation_id in self._local:
-                self._arrange(conversation_id, local)
+        self._mark_revoked(conversation_id, revoked, reply, sent)
         return revoked
+
+    def _mark_revoked(self, conversation_id: str, ticket: int, reply: Sequence[Any], sent: float) -> None:
+        """A holder ``ticket`` was revoked by a script sent at ``sent`` whose hand-off ``reply`` came back."""
+        if self._observer is not None:
+            self._observer.revoked(conversation_id, ticket, holder=True)
+        local = self._local.get(conversation_id)
+        if local is None:
+            return
+        for hold in list(local.holds):
+            if hold._number == ticket:
+                hold._revoked = True
+                self._renewing.discard(hold)
+                local.holds.discard(hold)
+        self._handed(conversation_id, reply, sent)
+        if not local.holds and not local.waiters:
+            self._local.pop(conversation_id, None)
+        elif conversation_id in self._local:
+            self._arrange(conversation_id, local)
+
+    async def revoke(self, conversation_id: str, ticket: int | None = None) -> tuple[int, bool] | None:
+        """Revoke the holder, or ``ticket`` if it holds or waits, in one script; see :meth:`LockStore.revoke`.
+
+        A revoked holder in this store sees ``held.lost`` at once; in another
+        process at its next renewal or ``ensure()``, and its fenced writes are
+        refused once the next holder has loaded. A revoked waiter is told
+        through its wake-up list when a reader watches it, else at its next
+        check (within ``lifetime/3``), and raises ``LockLostError``.
+        """
+        check_conversation_id(conversation_id)
+        if ticket is not None and (isinstance(ticket, bool) or not isinstance(ticket, int) or ticket < 1):
+            raise ValueError(f"ticket must be a positive whole number, got {ticket!r}")
+        sent = time.monotonic()
+        named = "" if ticket is None else str(ticket)
+        reply = await self._eval(scripts.REVOKE, self._space.keys(conversation_id), named, self._tag)
+        revoked, holder = int(reply[0]), int(reply[1]) == 1
+        if not revoked:
+            return None
+        self._forced += 1
+        if holder:
+            self._mark_revoked(conversation_id, revoked, [reply[0], *reply[2:]], sent)
+        else:
+            if self._observer is not None:
+                self._observer.revoked(conversation_id, revoked, holder=False)
+            local = self._local.get(conversation_id)
+            for hold in local.waiters if local is not None else ():
+                if hold._number == revoked:
+                    hold._cut = True
+                    hold._wake()
+        return revoked, holder
 
     async def ping(self) -> None:
         """Check that Redis answers within ``socket_timeout``; raise ``LockStoreUnavailable`` if not."""

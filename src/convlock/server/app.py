@@ -23,8 +23,9 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..observe import LockEventLog
 from ..redact import exception_summary, install_log_redaction
-from . import admin
+from . import admin, status
 from .access import AccessMiddleware
 from .channel import webhook
 from .context import ServerContext
@@ -153,6 +154,7 @@ def _routes() -> list[BaseRoute]:
         Route("/locks/{conversation_id:conversation_id}", admin.inspect_lock, methods=["GET"]),
         Route("/locks/{conversation_id:conversation_id}", admin.force_release, methods=["DELETE"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/status", status.status, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
 
@@ -160,6 +162,9 @@ def _routes() -> list[BaseRoute]:
 def build_app(ctx: ServerContext) -> Starlette:
     """The ASGI app serving ``ctx``; it closes ``ctx``'s stores on shutdown."""
     ctx.metrics.bind_stores(ctx.lock_store.statistics, ctx.tracker_store.statistics)
+    # The library's lock collectors and event log, fed by the store itself.
+    ctx.lock_store.add_observer(ctx.metrics.locks)
+    ctx.lock_store.add_observer(LockEventLog())
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -185,6 +190,7 @@ def build_app(ctx: ServerContext) -> Starlette:
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.state.status_rates = status.RateMeter(ctx.metrics.registry)
     # Inside the metrics middleware, so refusals are counted; it reads the live
     # route list, so routes added after this line are closed by default too.
     app.add_middleware(AccessMiddleware, routes=app.routes, settings=ctx.access)
@@ -194,4 +200,6 @@ def build_app(ctx: ServerContext) -> Starlette:
 
 def app_from_environment() -> Starlette:
     """The app of one uvicorn worker process, built from ``CONVLOCK_RUN_OPTIONS``."""
-    return build_app(build_context(ServerOptions.from_environment()))
+    options = ServerOptions.from_environment()
+    options.configure_logging()  # a spawned worker does not inherit the parent's handlers
+    return build_app(build_context(options))

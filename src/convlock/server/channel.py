@@ -37,7 +37,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import LockStoreUnavailable, LockTimeoutError
+from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from ..redact import exception_summary
 from .context import ServerContext
 from .conversation import Conversation, Message
@@ -106,7 +106,6 @@ async def process_message(
             queued = _unqueue(ctx, cid)
             acquired = time.perf_counter()
             parts["lock"] = acquired - start
-            metrics.lock_wait.observe(acquired - start)
             try:
                 responses = await _locked(ctx, message, held.ticket, parts)
             finally:
@@ -120,6 +119,10 @@ async def process_message(
             exc.status_code, "unavailable"
         )
         raise
+    except LockLostError as exc:
+        # An operator revoked this message's ticket while it waited.
+        outcome = "revoked"
+        raise ApiError(409, "ticket_revoked", str(exc)) from None
     except LockTimeoutError as exc:
         outcome = "lock_timeout"
         raise ApiError(503, "lock_timeout", str(exc), headers={"Retry-After": "1"}) from None
@@ -145,8 +148,6 @@ async def process_message(
     finally:
         if queued:
             _unqueue(ctx, cid)
-        if acquired:
-            metrics.lock_hold.observe((released or time.perf_counter()) - acquired)
         metrics.messages.labels(outcome).inc()
         metrics.in_flight.dec()
         ctx.in_flight -= 1

@@ -10,8 +10,11 @@ Names (all prefixed ``convlock_``):
   ``lock_timeout`` and ``unavailable`` (503), ``overloaded`` (429: too many
   messages of one conversation waiting);
 * ``messages_in_flight``: messages being processed now;
-* ``lock_wait_seconds``: from drawing a ticket to holding the lock;
-* ``lock_hold_seconds``: from holding the lock to having released it;
+* the lock store's collectors from :class:`convlock.metrics.LockMetrics`
+  (``lock_wait_seconds``, ``lock_hold_seconds``, ``lock_grants_total``,
+  ``lock_timeouts_total``, ``lock_lapsed_total``,
+  ``lock_revocations_total``, ``lock_store_errors_total``,
+  ``lock_waiting_tickets``), fed by the store as its observer;
 * ``handler_seconds``: handler wall time;
 * ``tracker_seconds{operation}``: tracker ``load`` and ``save`` time;
 * ``lock_store_statistic{name}`` and ``tracker_store_statistic{name}``: the
@@ -26,6 +29,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from ..metrics import LockMetrics
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
@@ -72,18 +77,8 @@ class ServerMetrics:
         )
         self.messages = Counter("convlock_messages", "Webhook messages by outcome", ["outcome"], registry=r)
         self.in_flight = Gauge("convlock_messages_in_flight", "Messages being processed", registry=r)
-        self.lock_wait = Histogram(
-            "convlock_lock_wait_seconds",
-            "From drawing a ticket to holding the lock",
-            buckets=_BUCKETS,
-            registry=r,
-        )
-        self.lock_hold = Histogram(
-            "convlock_lock_hold_seconds",
-            "From holding the lock to having released it",
-            buckets=_BUCKETS,
-            registry=r,
-        )
+        #: The same collectors a library user registers; build_app attaches them to the lock store.
+        self.locks = LockMetrics(registry=r)
         self.handler_seconds = Histogram(
             "convlock_handler_seconds", "Handler wall time", buckets=_BUCKETS, registry=r
         )

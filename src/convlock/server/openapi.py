@@ -78,7 +78,11 @@ _SCHEMAS: dict[str, Any] = {
     "Lease": {
         "type": "object",
         "required": ["ticket", "expires_in"],
-        "properties": {"ticket": {"type": "integer"}, "expires_in": {"type": "number"}},
+        "properties": {
+            "ticket": {"type": "integer"},
+            "expires_in": {"type": "number"},
+            "waited": {"type": "number", "description": "Seconds a waiting ticket has waited (waiters only)"},
+        },
     },
     "LockSnapshot": {
         "type": "object",
@@ -244,6 +248,18 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "503": _UNAVAILABLE,
                     },
                 },
+            },
+            "/status": {
+                "get": {
+                    "operationId": "status",
+                    "summary": "HTML status page: locked conversations, queues, store health, message rates",
+                    "responses": {
+                        "200": {
+                            "description": "An HTML page that reloads itself every few seconds",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
             },
             "/metrics": {
                 "get": {

@@ -15,6 +15,7 @@ from typing import Any
 from ..config import load_endpoints
 from ..errors import ConfigError
 from ..factory import create_lock_store
+from ..logs import configure_logging
 from ..memory import InMemoryLockStore
 from ..redact import register_secret
 from .access import AccessSettings, local_bind
@@ -46,6 +47,8 @@ class ServerOptions:
     metrics_public: bool = False
     webhook_token: str | None = field(default=None, repr=False)
     webhook_hmac_secret: str | None = field(default=None, repr=False)
+    log_level: str = "info"
+    log_format: str = "text"
 
     def access(self) -> AccessSettings:
         """The access options these imply; registers the secrets for log redaction."""
@@ -58,6 +61,23 @@ class ServerOptions:
             metrics_public=self.metrics_public,
             local_bind=local_bind(self.host),
         )
+
+    def secrets(self) -> list[str]:
+        """What logs must never show: the auth token and the stores' passwords."""
+        found = [s for s in (self.auth_token, self.webhook_token, self.webhook_hmac_secret) if s]
+        if self.endpoints:
+            try:
+                config = load_endpoints(self.endpoints)
+            except ConfigError:
+                return found  # build_context reports the file's problem
+            for block in config.values():
+                if isinstance(block, dict) and isinstance(block.get("password"), str | int):
+                    found.append(str(block["password"]))
+        return found
+
+    def configure_logging(self) -> None:
+        """Set up this process's logging as ``--log-level``/``--log-format`` ask, secrets masked."""
+        configure_logging(self.log_level, "json" if self.log_format == "json" else "text", self.secrets())
 
     def to_environment(self) -> str:
         """JSON for :data:`OPTIONS_ENV`."""

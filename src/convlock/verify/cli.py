@@ -90,7 +90,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--history", type=Path, metavar="FILE", help="write every event here, as JSON lines")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
-    parser.set_defaults(command_main=run)
+    parser.set_defaults(func=run)
     return parser
 
 
