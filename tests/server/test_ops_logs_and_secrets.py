@@ -122,7 +122,10 @@ async def test_a_wrong_redis_password_never_shows(redis_acl: RedisProcess, tmp_p
             refused = await http.post(WEBHOOK, json={"sender": "s", "message": "m"})
             assert refused.status_code == 503
             outputs.append(refused.text)
-            status = await http.get("/status")
+            # /status needs the token like every data route (the token itself
+            # must not show in what it returns).
+            assert (await http.get("/status")).status_code == 401
+            status = await http.get("/status", headers={"Authorization": f"Bearer {TOKEN_CANARY}"})
             assert status.status_code == 200
             assert "unavailable" in status.text
             outputs.append(status.text)
