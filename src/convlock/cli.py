@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds to let messages in flight finish on SIGTERM (default: handler timeout + 10)",
     )
+    run.add_argument(
+        "--process-abandoned",
+        action="store_true",
+        help="process a message even if its client disconnected before the lock was granted "
+        "(for fire-and-forget clients that close the socket right after sending)",
+    )
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -123,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         handler_timeout=args.handler_timeout,
         auth_token=args.auth_token or None,
         workers=args.workers,
+        process_abandoned=args.process_abandoned,
     )
     ctx = build_context(options)  # raises ConfigError before anything listens
     shutdown_timeout = args.shutdown_timeout or args.handler_timeout + 10

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..store import LockStore
 from .handlers import Handler
 from .metrics import ServerMetrics
-from .tracker import TrackerStore
+from .tracker import TrackerStore, supports_message_ids
 
 __all__ = ["ServerContext"]
 
@@ -21,6 +21,10 @@ class ServerContext:
     ``auth_token`` guards the admin write endpoints (None: they are disabled).
     ``in_flight`` counts messages being processed; ``idle`` is set whenever it
     is 0, so shutdown can wait until every message has released its lock.
+    ``process_abandoned`` processes a message even when its client has
+    disconnected before the lock was granted (for fire-and-forget clients);
+    by default such a message is released unprocessed.
+    ``message_ids`` says whether the tracker store remembers message IDs.
     """
 
     lock_store: LockStore
@@ -29,8 +33,11 @@ class ServerContext:
     handler_timeout: float | None = 30.0
     auth_token: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    process_abandoned: bool = False
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    message_ids: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.message_ids = supports_message_ids(self.tracker_store)

@@ -8,6 +8,7 @@ the key or flag and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from .tracker_factory import create_tracker_store
 
 __all__ = ["OPTIONS_ENV", "ServerOptions", "build_context"]
 
+logger = logging.getLogger("convlock.server")
+
 #: Worker processes started by uvicorn read their options from this variable.
 OPTIONS_ENV = "CONVLOCK_RUN_OPTIONS"
 
@@ -36,6 +39,7 @@ class ServerOptions:
     handler_timeout: float | None = 30.0
     auth_token: str | None = None
     workers: int = 1
+    process_abandoned: bool = False
 
     def to_environment(self) -> str:
         """JSON for :data:`OPTIONS_ENV`."""
@@ -61,13 +65,21 @@ def build_context(options: ServerOptions) -> ServerContext:
     tracker_store = create_tracker_store(config.get("tracker_store"))
     # Stores connect lazily, so on refusal dropping them is enough.
     _check_combination(options, lock_store, tracker_store)
-    return ServerContext(
+    ctx = ServerContext(
         lock_store=lock_store,
         tracker_store=tracker_store,
         handler=handler,
         handler_timeout=options.handler_timeout,
         auth_token=options.auth_token,
+        process_abandoned=options.process_abandoned,
     )
+    if not ctx.message_ids:
+        logger.warning(
+            "tracker store %s takes no message_id in load() and save(): messages that carry a "
+            "message_id or Idempotency-Key will be refused with 501",
+            tracker_store.describe(),
+        )
+    return ctx
 
 
 def _check_combination(options: ServerOptions, lock_store: object, tracker_store: object) -> None:
