@@ -160,7 +160,6 @@ class _Listener:
         self.key = key
         self.service = template.service_name
         self.pools: weakref.WeakSet[FailoverAwarePool] = weakref.WeakSet()
-        self.last: tuple[str, int] | None = None
         loop = asyncio.get_running_loop()
         self.tasks = [
             loop.create_task(self._listen(sentinel.connection_pool), name=f"convlock-sentinel-{i}")
@@ -196,12 +195,12 @@ class _Listener:
         parts = text.split()
         if len(parts) != 5 or parts[0] != self.service or not parts[4].isdigit():
             return
-        new = (parts[3], int(parts[4]))
-        if new == self.last:
-            return  # another Sentinel announcing the same switch
-        self.last = new
+        # Every Sentinel announces the switch once it learns of it. Each
+        # announcement drops the connections again, on purpose: a pool that
+        # reconnected in between may have asked a Sentinel that had not yet
+        # learned of the switch, and so reconnected to the old master.
         for pool in list(self.pools):
-            await pool.master_lost(f"+switch-master to {new[0]}:{new[1]}")
+            await pool.master_lost(f"+switch-master to {parts[3]}:{parts[4]}")
 
     async def stop(self) -> None:
         for task in self.tasks:
