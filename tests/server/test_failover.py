@@ -189,7 +189,7 @@ async def test_a_planned_sentinel_failover_loses_no_acknowledged_message(tmp_pat
     try:
 
         async def fail_over() -> None:
-            await asyncio.to_thread(setup.sentinels[0].command, "SENTINEL", "FAILOVER", setup.service)
+            await asyncio.to_thread(setup.fail_over)
             await wait_for(lambda: master_port(setup) == new.port, "switch to the replica", 20)
             await wait_for(lambda: replica_of(old, new.port), "demotion of the old master", 40)
 

@@ -57,7 +57,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 __all__ = [
     "FAILOVER_ERRORS",
@@ -80,7 +80,10 @@ _CHANNEL = "+switch-master"
 
 def is_failover_error(error: BaseException) -> bool:
     """Whether ``error`` is an error reply that a failover explains (``READONLY``, ``NOREPLICAS``)."""
-    return isinstance(error, ResponseError) and str(error).lstrip("-").startswith(FAILOVER_ERRORS)
+    # redis-py strips the READONLY code off the message and raises ReadOnlyError instead.
+    return isinstance(error, ReadOnlyError) or (
+        isinstance(error, ResponseError) and str(error).lstrip("-").startswith(FAILOVER_ERRORS)
+    )
 
 
 class FailoverAwareConnection(SentinelManagedConnection):
