@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,48 @@ async def test_repeats_sent_at_once_to_two_replicas_are_stored_once(tmp_path: Pa
             assert [(e["message_id"], e["turn"]) for e in users] == [(f"id-{i}", i + 1) for i in range(5)]
     finally:
         assert [proc.stop() for proc in servers] == [0, 0]
+
+
+@pytest.mark.slow
+async def test_a_frozen_replica_does_not_process_late_what_its_clients_gave_up_on(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    connection: dict[str, Any] = {"url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "frozen"}
+    config = write_endpoints(tmp_path / "frozen.yml", {
+        "lock_store": {"type": "redis", "lifetime": 1, **connection},
+        "tracker_store": {"type": "redis", **connection},
+    })
+    frozen, other = (start_server(tmp_path, endpoints=config, handler=HANDLER, wait=False) for _ in range(2))
+    try:
+        frozen.wait_ready()
+        other.wait_ready()
+        async with httpx.AsyncClient(timeout=30) as http:
+            holder = asyncio.create_task(http.post(f"{other.url}{WEBHOOK}", json={"sender": "z", "message": "ctl:sleep:1.5"}))
+            await wait_for_waiters(http, other.url, "z", 0)
+            gave_up = [
+                asyncio.create_task(http.post(
+                    f"{frozen.url}{WEBHOOK}", json={"sender": "z", "message": f"gave up {i}"}, timeout=1.0
+                ))
+                for i in range(3)
+            ]
+            await wait_for_waiters(http, other.url, "z", 3)
+            frozen.signal(signal.SIGSTOP)
+            for task in gave_up:
+                with pytest.raises(httpx.TimeoutException):
+                    await task
+            assert (await holder).status_code == 200
+            # The frozen replica's waiting tickets lapse; the conversation moves on without them.
+            after = await http.post(f"{other.url}{WEBHOOK}", json={"sender": "z", "message": "after"})
+            assert after.json() == [{"recipient_id": "z", "text": "#2: after"}]
+            frozen.signal(signal.SIGCONT)
+            for _ in range(300):
+                if await metric(http, frozen.url, "abandoned") == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert await metric(http, frozen.url, "abandoned") == 3, frozen.log()
+            users = await user_events(http, other.url, "z")
+            assert [e["text"] for e in users] == ["ctl:sleep:1.5", "after"], "nothing stored late"
+    finally:
+        for proc in (frozen, other):
+            proc.signal(signal.SIGCONT)
+            assert proc.stop() == 0, proc.log()

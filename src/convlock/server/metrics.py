@@ -6,8 +6,10 @@ Names (all prefixed ``convlock_``):
   ``http_request_duration_seconds{method,route}``: every request, by route
   template (``/locks/{conversation_id}``), so IDs never become labels;
 * ``messages_total{outcome}``: webhook messages by outcome: ``ok``,
-  ``stale`` (409), ``handler_timeout`` (504), ``handler_error`` (500),
-  ``lock_timeout`` and ``unavailable`` (503);
+  ``replayed`` (a remembered message ID), ``abandoned`` (the client had
+  gone when the lock was granted), ``stale`` (409), ``handler_timeout`` and
+  ``deadline`` (504), ``handler_error`` (500), ``refused`` (501),
+  ``lock_timeout``, ``not_replicated``, ``unavailable`` and ``cancelled`` (503);
 * ``messages_in_flight``: messages being processed now;
 * ``lock_wait_seconds``: from drawing a ticket to holding the lock;
 * ``lock_hold_seconds``: from holding the lock to having released it;
