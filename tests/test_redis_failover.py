@@ -28,6 +28,7 @@ from redis_procs import SentinelSetup
 def test_failover_replies_are_recognised() -> None:
     assert is_failover_error(ReadOnlyError("You can't write against a read only replica."))
     assert is_failover_error(ResponseError("NOREPLICAS Not enough good replicas to write."))
+    assert is_failover_error(ResponseError("ERR Error running script: @user_script:3: -READONLY You can't write"))
     assert not is_failover_error(ResponseError("WRONGTYPE Operation against a key"))
     assert not is_failover_error(RedisConnectionError("NOREPLICAS lookalike"))
 

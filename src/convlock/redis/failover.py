@@ -81,9 +81,14 @@ _CHANNEL = "+switch-master"
 def is_failover_error(error: BaseException) -> bool:
     """Whether ``error`` is an error reply that a failover explains (``READONLY``, ``NOREPLICAS``)."""
     # redis-py strips the READONLY code off the message and raises ReadOnlyError instead.
-    return isinstance(error, ReadOnlyError) or (
-        isinstance(error, ResponseError) and str(error).lstrip("-").startswith(FAILOVER_ERRORS)
-    )
+    if isinstance(error, ReadOnlyError):
+        return True
+    if not isinstance(error, ResponseError):
+        return False
+    text = str(error).lstrip("-")
+    # Redis before 7 wraps an error raised inside a script: "ERR Error running
+    # script ...: -READONLY You can't write ...".
+    return text.startswith(FAILOVER_ERRORS) or any(f"-{code} " in text for code in FAILOVER_ERRORS)
 
 
 class FailoverAwareConnection(SentinelManagedConnection):
