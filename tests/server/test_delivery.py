@@ -244,3 +244,20 @@ async def test_a_frozen_replica_does_not_process_late_what_its_clients_gave_up_o
         for proc in (frozen, other):
             proc.signal(signal.SIGCONT)
             assert proc.stop() == 0, proc.log()
+
+
+async def test_a_store_without_message_ids_refuses_them_rather_than_break_the_promise(tmp_path: Path) -> None:
+    config = write_endpoints(tmp_path / "old.yml", {"tracker_store": {"type": "convlock_test_stores.OldTrackerStore"}})
+    server = start_server(tmp_path, endpoints=config)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            plain = await http.post(WEBHOOK, json={"sender": "o", "message": "no id"})
+            assert plain.json() == [{"recipient_id": "o", "text": "#1: no id"}]
+            keyed = await http.post(WEBHOOK, json={"sender": "o", "message": "with id", "message_id": "x"})
+            assert keyed.status_code == 501
+            assert "does not remember message IDs" in keyed.json()["reason"]
+            assert await metric(http, "", "refused") == 1
+            assert [e["text"] for e in await user_events(http, "", "o")] == ["no id"]
+    finally:
+        assert server.stop() == 0
+    assert "takes no message_id" in server.log()

@@ -149,14 +149,6 @@ async def process_message(
     (504 past it, nothing processed); ``client_gone``, checked once the lock
     is granted, releases the lock unprocessed when it answers True (499).
     """
-    if message.message_id is not None and not ctx.message_ids:
-        raise ApiError(
-            501,
-            "message_id_unsupported",
-            f"this server's tracker store ({ctx.tracker_store.describe()}) does not remember message IDs, "
-            "so it cannot promise to process this message once; send it without message_id and "
-            "Idempotency-Key, or configure a tracker store that supports them",
-        )
     parts: dict[str, float] = timing.parts if timing is not None else {}
     metrics = ctx.metrics
     metrics.in_flight.inc()
@@ -167,6 +159,14 @@ async def process_message(
     acquired = released = 0.0
     wait_timeout = None
     try:
+        if message.message_id is not None and not ctx.message_ids:
+            raise ApiError(
+                501,
+                "message_id_unsupported",
+                f"this server's tracker store ({ctx.tracker_store.describe()}) does not remember message "
+                "IDs, so it cannot promise to process this message once; send it without message_id and "
+                "Idempotency-Key, or configure a tracker store that supports them",
+            )
         if deadline is not None:
             left = _left(deadline)
             if left is None:
