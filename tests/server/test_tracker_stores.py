@@ -11,7 +11,7 @@ from convlock import ConfigError
 from convlock.server.redis_tracker import RedisTrackerStore
 from convlock.server.tracker import InMemoryTrackerStore, StaleTicketError, TrackerStore
 from convlock.server.tracker_factory import create_tracker_store
-from redis_procs import RedisProcess, SentinelSetup
+from redis_procs import ClusterSetup, RedisProcess, SentinelSetup
 
 # Lock tickets from RedisLockStore are the Redis clock in microseconds: big numbers.
 BIG = 1_795_888_028_406_093
@@ -263,3 +263,22 @@ async def test_sentinel_mode_waits_for_one_replica_by_default(redis_sentinel: Se
         assert replica.command("HGET", "waiting:tracker:{c}:ids", "m") == "[1]"
     finally:
         await tracker.aclose()
+
+
+async def test_cluster_saves_wait_on_the_slot_master(redis_cluster: ClusterSetup) -> None:
+    from convlock.server.tracker import TrackerNotReplicated
+
+    block = {"type": "redis", "deployment_mode": "cluster", "endpoints": redis_cluster.endpoints(), "key_prefix": "cw"}
+    waiting = create_tracker_store({**block, "min_replicas_acked": 1, "replica_ack_timeout": 0.1})
+    plain = create_tracker_store(block)
+    try:
+        for n in range(3):  # conversations on different nodes
+            cid = f"conv-{n}"
+            with pytest.raises(TrackerNotReplicated):  # the test cluster has no replicas
+                await waiting.save(cid, ticket=1, new_events=[event("a")], state={}, message_id="m", reply="[1]")
+            assert (await plain.load(cid, ticket=2, message_id="m")).replay == "[1]"
+            with pytest.raises(TrackerNotReplicated):
+                await waiting.load(cid, ticket=3, message_id="m")
+    finally:
+        await waiting.aclose()
+        await plain.aclose()
