@@ -139,7 +139,6 @@ class FailoverAwarePool(SentinelConnectionPool):
 
     async def master_lost(self, reason: str) -> None:
         """Drop every connection to the current master and forget its address."""
-        self.failovers_seen += 1
         logger.warning(
             "Redis Sentinel service %r: %s; dropping pooled connections to %s",
             self.service_name,
@@ -147,10 +146,13 @@ class FailoverAwarePool(SentinelConnectionPool):
             self.master_address,
         )
         self.master_address = None
+        # Take the idle connections out of the pool before the first await,
+        # so that no task can pick one up while it is being closed.
+        retired, self._available_connections = self._available_connections, []
         for connection in list(self._in_use_connections):
             connection.mark_for_reconnect()  # type: ignore[no-untyped-call]
-        with contextlib.suppress(RedisError, OSError):
-            await self.disconnect(inuse_connections=False)
+        self.failovers_seen += 1
+        await asyncio.gather(*(connection.disconnect() for connection in retired), return_exceptions=True)
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         if inuse_connections:  # the client is closing: stop listening for it
