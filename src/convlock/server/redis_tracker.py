@@ -168,6 +168,7 @@ class RedisTrackerStore(TrackerStore):
         client = self._client
         extra: dict[str, Any] = {}
         if isinstance(client, RedisCluster):
+            await client.initialize()  # learns the slot map on first use; a no-op after that
             extra["target_nodes"] = client.get_node_from_key(keys[0])
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
