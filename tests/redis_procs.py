@@ -969,6 +969,22 @@ class SentinelSetup:
         """Stop every process, sentinels first so that none fails the master over meanwhile."""
         _stop_each(self.processes)
 
+    def fail_over(self, timeout: float = 15.0) -> None:
+        """``SENTINEL FAILOVER`` on the first sentinel: a planned failover, the old master staying up.
+
+        Repeated while the sentinel answers ``NOGOODSLAVE`` (right after the
+        start it has not yet judged the replicas fit to be promoted).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sentinels[0].command("SENTINEL", "FAILOVER", self.service)
+                return
+            except redis.ResponseError as exc:
+                if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
 
 def _sentinel_config(port: int, directory: Path, service: str, master_port: int, down_after_ms: int) -> str:
     return "\n".join(

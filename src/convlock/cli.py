@@ -133,10 +133,13 @@ def _parser() -> argparse.ArgumentParser:
         help="messages of one conversation that may wait for its lock in this process; more get 429 "
         "with Retry-After (default 100)",
     )
+    run.add_argument(
+        "--process-abandoned",
+        action="store_true",
+        help="process a message even if its client disconnected before the lock was granted "
+        "(for fire-and-forget clients that close the socket right after sending)",
+    )
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    from .verify import cli as verify_cli
-
-    verify_cli.add_parser(commands)
     run.add_argument(
         "--log-format",
         default="text",
@@ -144,7 +147,9 @@ def _parser() -> argparse.ArgumentParser:
         help="text lines, or one JSON object per line (default text); secrets are masked in both",
     )
     from . import cli_check, cli_locks
+    from .verify import cli as verify_cli
 
+    verify_cli.add_parser(commands)
     cli_locks.add_parser(commands)
     cli_check.add_parser(commands)
     return parser
@@ -199,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
         webhook_hmac_secret=args.webhook_hmac_secret or None,
         log_level=args.log_level,
         log_format=args.log_format,
+        process_abandoned=args.process_abandoned,
     )
     options.configure_logging()
     ctx = build_context(options)  # raises ConfigError before anything listens

@@ -11,7 +11,7 @@ from convlock import ConfigError
 from convlock.server.redis_tracker import RedisTrackerStore
 from convlock.server.tracker import InMemoryTrackerStore, StaleTicketError, TrackerStore
 from convlock.server.tracker_factory import create_tracker_store
-from redis_procs import RedisProcess
+from redis_procs import ClusterSetup, RedisProcess, SentinelSetup
 
 # Lock tickets from RedisLockStore are the Redis clock in microseconds: big numbers.
 BIG = 1_795_888_028_406_093
@@ -149,3 +149,136 @@ def test_a_custom_tracker_store_is_built_from_its_dotted_path() -> None:
     store = create_tracker_store({"type": "convlock.server.tracker.InMemoryTrackerStore"})
     assert isinstance(store, InMemoryTrackerStore)
     assert isinstance(create_tracker_store(None), InMemoryTrackerStore)
+
+
+# -- message IDs (exactly-once delivery)
+
+
+async def test_a_remembered_message_id_returns_its_reply_and_nothing_else(store: TrackerStore) -> None:
+    assert (await store.load("c", ticket=1, message_id="m1")).replay is None
+    await store.save("c", ticket=1, new_events=[event("a")], state={"n": 1}, message_id="m1", reply='[{"t":"é"}]')
+    repeat = await store.load("c", ticket=2, message_id="m1")
+    assert repeat.replay == '[{"t":"é"}]'
+    other = await store.load("c", ticket=3, message_id="m2")
+    assert other.replay is None
+    assert other.events == [event("a")]
+    # IDs belong to one conversation; the fence still rules a repeat.
+    assert (await store.load("d", ticket=4, message_id="m1")).replay is None
+    with pytest.raises(StaleTicketError):
+        await store.load("c", ticket=2, message_id="m1")
+
+
+async def test_the_first_reply_of_an_id_is_kept(store: TrackerStore) -> None:
+    await store.save("c", ticket=1, new_events=[], state={}, message_id="m", reply='["first"]')
+    await store.save("c", ticket=2, new_events=[], state={}, message_id="m", reply='["second"]')
+    assert (await store.load("c", ticket=3, message_id="m")).replay == '["first"]'
+
+
+async def test_remembered_ids_are_bounded_oldest_forgotten_first(request: pytest.FixtureRequest) -> None:
+    stores: list[TrackerStore] = [InMemoryTrackerStore(remember_message_ids=3)]
+    redis_server: RedisProcess = request.getfixturevalue("redis_server")
+    stores.append(create_tracker_store({
+        "type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "remember_message_ids": 3,
+    }))
+    for tracker in stores:
+        for i in range(1, 6):
+            await tracker.save("c", ticket=i, new_events=[event(f"m{i}")], state={}, message_id=f"m{i}", reply=f"[{i}]")
+        replays = [(await tracker.load("c", ticket=10 + i, message_id=f"m{i}")).replay for i in range(1, 6)]
+        assert replays == [None, None, "[3]", "[4]", "[5]"], type(tracker).__name__
+        await tracker.aclose()
+    assert redis_server.command("HLEN", "convlock:tracker:{c}:ids") == 3
+    assert redis_server.command("LRANGE", "convlock:tracker:{c}:ido", 0, -1) == ["m3", "m4", "m5"]
+
+
+async def test_message_id_keys_share_the_slot_and_the_ttl(redis_server: RedisProcess) -> None:
+    from redis.crc import key_slot
+
+    tracker = create_tracker_store({
+        "type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "expire_after": 100,
+    })
+    try:
+        await tracker.load("a:b", ticket=1, message_id="m")
+        await tracker.save("a:b", ticket=1, new_events=[event("x")], state={}, message_id="m", reply="[]")
+    finally:
+        await tracker.aclose()
+    keys = sorted(redis_server.command("KEYS", "*"))
+    assert keys == ["convlock:tracker:{a%3Ab}", "convlock:tracker:{a%3Ab}:ido", "convlock:tracker:{a%3Ab}:ids"]
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+    assert all(90_000 < redis_server.command("PTTL", key) <= 100_000 for key in keys)
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 257, "é" * 129])
+async def test_message_ids_are_1_to_256_bytes(store: TrackerStore, bad: str) -> None:
+    with pytest.raises(ValueError, match="message_id"):
+        await store.load("c", ticket=1, message_id=bad)
+    with pytest.raises(ValueError, match="message_id"):
+        await store.save("c", ticket=1, new_events=[], state={}, message_id=bad, reply="[]")
+
+
+def test_stores_without_message_ids_are_recognised() -> None:
+    from convlock.server.tracker import supports_message_ids
+
+    class OldStore(InMemoryTrackerStore):
+        async def load(self, conversation_id: str, *, ticket: int | None = None) -> Any:  # type: ignore[override]
+            return await super().load(conversation_id, ticket=ticket)
+
+    assert supports_message_ids(InMemoryTrackerStore())
+    assert not supports_message_ids(OldStore())
+
+
+# -- WAIT for replicas
+
+
+async def test_a_save_no_replica_confirms_is_not_acknowledged(redis_server: RedisProcess) -> None:
+    from convlock.server.tracker import TrackerNotReplicated
+
+    tracker = create_tracker_store({
+        "type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0,
+        "min_replicas_acked": 1, "replica_ack_timeout": 0.1,
+    })
+    try:
+        with pytest.raises(TrackerNotReplicated, match="0 of the 1 replicas"):
+            await tracker.save("c", ticket=1, new_events=[event("a")], state={}, message_id="m", reply="[1]")
+        # The master has it (a failover may drop it): a retry's replay is refused the same way.
+        with pytest.raises(TrackerNotReplicated):
+            await tracker.load("c", ticket=2, message_id="m")
+        with pytest.raises(StaleTicketError):  # a refused ticket wrote nothing, so no WAIT verdict
+            await tracker.save("c", ticket=1, new_events=[], state={})
+    finally:
+        await tracker.aclose()
+
+
+async def test_sentinel_mode_waits_for_one_replica_by_default(redis_sentinel: SentinelSetup) -> None:
+    tracker = create_tracker_store({
+        "type": "redis", "deployment_mode": "sentinel", "endpoints": redis_sentinel.endpoints(), "db": 0,
+        "key_prefix": "waiting",
+    })
+    assert isinstance(tracker, RedisTrackerStore)
+    assert tracker.min_replicas_acked == 1
+    try:
+        await tracker.load("c", ticket=1, message_id="m")
+        await tracker.save("c", ticket=1, new_events=[event("a")], state={}, message_id="m", reply="[1]")
+        assert (await tracker.load("c", ticket=2, message_id="m")).replay == "[1]"
+        [replica] = redis_sentinel.replicas
+        assert replica.command("HGET", "waiting:tracker:{c}:ids", "m") == "[1]"
+    finally:
+        await tracker.aclose()
+
+
+async def test_cluster_saves_wait_on_the_slot_master(redis_cluster: ClusterSetup) -> None:
+    from convlock.server.tracker import TrackerNotReplicated
+
+    block = {"type": "redis", "deployment_mode": "cluster", "endpoints": redis_cluster.endpoints(), "key_prefix": "cw"}
+    waiting = create_tracker_store({**block, "min_replicas_acked": 1, "replica_ack_timeout": 0.1})
+    plain = create_tracker_store(block)
+    try:
+        for n in range(3):  # conversations on different nodes
+            cid = f"conv-{n}"
+            with pytest.raises(TrackerNotReplicated):  # the test cluster has no replicas
+                await waiting.save(cid, ticket=1, new_events=[event("a")], state={}, message_id="m", reply="[1]")
+            assert (await plain.load(cid, ticket=2, message_id="m")).replay == "[1]"
+            with pytest.raises(TrackerNotReplicated):
+                await waiting.load(cid, ticket=3, message_id="m")
+    finally:
+        await waiting.aclose()
+        await plain.aclose()

@@ -18,6 +18,12 @@ whose commands are not idempotent pass ``retries=0``.
 
 Nothing here opens a connection: clients connect on first use, so building
 one never blocks and never fails because Redis is down.
+
+Failover: a Sentinel-mode client's pool is a
+:class:`~convlock.redis.failover.FailoverAwarePool`, which drops its
+connections to the old master on ``+switch-master``, ``READONLY`` or
+``NOREPLICAS`` instead of writing to it until a socket timeout; both stores
+get this without code of their own.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from ..config import RedisSettings
 from ..errors import ConfigError
 from ..redact import mask_url
+from .failover import FailoverAwarePool
 
 __all__ = ["STALE_CHECK_KWARGS", "RedisClient", "create_client", "describe"]
 
@@ -120,7 +127,9 @@ def create_client(settings: RedisSettings, *, retries: int = 1) -> RedisClient:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel untyped
             settings.addresses(), sentinel_kwargs=sentinel_kwargs, **kwargs
         )
-        client: aioredis.Redis = sentinel.master_for(settings.sentinel_service, db=settings.db)
+        client: aioredis.Redis = sentinel.master_for(
+            settings.sentinel_service, connection_pool_class=FailoverAwarePool, db=settings.db
+        )
         return client
     if mode == "cluster":
         if "db" in settings.model_fields_set and settings.db != 0:

@@ -1,8 +1,8 @@
 """``convlock run``: a chat message server whose replicas share locks and fenced state.
 
 Modules, in the order data flows: ``options`` (flags and endpoints.yml to
-stores), ``tracker``/``redis_tracker``/``tracker_factory`` (conversation
-state), ``handlers``/``conversation`` (the handler protocol), ``validation``
+stores), ``tracker``/``redis_tracker``/``redis_tracker_scripts``/``tracker_factory``
+(conversation state, message IDs), ``handlers``/``conversation`` (the handler protocol), ``validation``
 and ``channel`` (the webhook), ``admin`` (health, locks, tracker, metrics),
 ``metrics``, ``openapi``, and ``app`` (the Starlette app).
 """
@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from .conversation import Conversation, Message
 from .handlers import Handler, HandlerResult
-from .tracker import InMemoryTrackerStore, StaleTicketError, TrackerRecord, TrackerStore
+from .tracker import (
+    InMemoryTrackerStore,
+    StaleTicketError,
+    TrackerNotReplicated,
+    TrackerRecord,
+    TrackerStore,
+    TrackerStoreUnavailable,
+)
 
 __all__ = [
     "Conversation",
@@ -20,6 +27,8 @@ __all__ = [
     "InMemoryTrackerStore",
     "Message",
     "StaleTicketError",
+    "TrackerNotReplicated",
     "TrackerRecord",
     "TrackerStore",
+    "TrackerStoreUnavailable",
 ]

@@ -15,10 +15,28 @@ notice it.
 
 Outcomes: 200 with the responses; 409 when the tracker refused this ticket
 as stale (the lease lapsed or was revoked and a newer holder took over);
-504 when the handler ran out of time; 500 when it raised or returned
-something that is not JSON; 503 when a store is unreachable, the lock was
-not granted within the lock store's ``wait_timeout``, or the server's
-shutdown cancelled the message past ``--shutdown-timeout``.
+504 when the handler ran out of time, or the client's deadline
+(``X-Request-Timeout``) passed before the lock was granted; 500 when the
+handler raised or returned something that is not JSON; 503 when a store is
+unreachable, a save was not confirmed by ``min_replicas_acked`` replicas,
+the lock was not granted within the lock store's ``wait_timeout``, or the
+server's shutdown cancelled the message past ``--shutdown-timeout``.
+
+Delivery guarantees (see the README's guarantees section):
+
+* Exactly once by message ID. The tracker load checks the ID under the
+  lock; a remembered ID is answered 200 with the stored reply, byte for
+  byte, and ``Idempotent-Replayed: true``, without calling the handler. A
+  repeat that arrives while the first is processed waits for the lock like
+  any message, then finds the ID.
+* Abandoned requests are not processed. Once the lock is granted, a
+  request whose client has disconnected is released at once (outcome
+  ``abandoned``, status 499, which nobody reads), unless the server runs
+  with ``--process-abandoned``. The check is made when the lock is granted,
+  not while waiting: the waiter keeps its place, so a client that is still
+  there is served in order.
+* A message whose client deadline passes while it waits is withdrawn from
+  the queue (504) and never processed.
 
 The ``Server-Timing`` header of a 200 splits the request time into
 ``lock`` (waiting for and acquiring the lock), ``load``, ``handler``,
@@ -32,6 +50,8 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -42,11 +62,37 @@ from ..redact import exception_summary
 from .context import ServerContext
 from .conversation import Conversation, Message
 from .handlers import normalize_responses
-from .responses import ApiError, JSONResponse
-from .tracker import StaleTicketError, TrackerStoreUnavailable, dumps
-from .validation import parse_json, read_body, validate_webhook
+from .responses import ApiError, render_json
+from .tracker import StaleTicketError, TrackerNotReplicated, TrackerStoreUnavailable, dumps
+from .validation import message_id_of, parse_json, read_body, request_deadline, validate_webhook
 
-__all__ = ["process_message", "webhook"]
+__all__ = ["Processed", "process_message", "webhook"]
+
+#: Status of a message released because its client had gone (nginx's "client closed request").
+CLIENT_GONE = 499
+#: metrics outcome of each ApiError code; any other code counts as "unavailable".
+_OUTCOMES = {
+    "stale_ticket": "stale",
+    "handler_timeout": "handler_timeout",
+    "handler_error": "handler_error",
+    "deadline_exceeded": "deadline",
+    "client_disconnected": "abandoned",
+    "not_replicated": "not_replicated",
+    "message_id_unsupported": "refused",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    """What a processed message answers: the JSON ``body`` and whether it is a replay.
+
+    ``responses`` is the handler's normalized responses (None for a replay,
+    whose body is the stored reply exactly as first sent).
+    """
+
+    body: bytes
+    replayed: bool = False
+    responses: list[dict[str, Any]] | None = None
 
 logger = logging.getLogger("convlock.server")
 
@@ -64,21 +110,52 @@ class _Timing:
 async def webhook(request: Request) -> Response:
     """Validate the body, process the message, answer with the handler's responses."""
     ctx: ServerContext = request.app.state.ctx
+    deadline = request_deadline(request.headers.get("x-request-timeout"), time.monotonic())
     body = await read_body(request)
     payload = validate_webhook(parse_json(body))
-    message = Message(payload.sender, payload.message, payload.metadata or {})
+    message_id = message_id_of(payload, request.headers.get("idempotency-key"))
+    message = Message(payload.sender, payload.message, payload.metadata or {}, message_id)
     timing = _Timing()
-    responses = await process_message(ctx, message, timing)
-    return JSONResponse(responses, headers={"Server-Timing": timing.header()})
+    gone = None if ctx.process_abandoned else _disconnect_check(request)
+    processed = await process_message(ctx, message, timing, deadline=deadline, client_gone=gone)
+    headers = {"Server-Timing": timing.header()}
+    if processed.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(processed.body, media_type="application/json", headers=headers)
+
+
+def _disconnect_check(request: Request) -> Callable[[], Awaitable[bool]]:
+    """Whether the client of ``request`` has disconnected, without waiting.
+
+    Starlette's ``is_disconnected`` polls the ASGI ``receive`` channel once;
+    uvicorn answers ``http.disconnect`` there once its protocol has seen the
+    connection close. One trip through the event loop first lets a close
+    that arrived together with the lock's grant (both ready in one poll, as
+    after a SIGSTOP/SIGCONT) be handled before we ask.
+    """
+
+    async def gone() -> bool:
+        await asyncio.sleep(0)
+        return await request.is_disconnected()
+
+    return gone
 
 
 async def process_message(
-    ctx: ServerContext, message: Message, timing: _Timing | None = None
-) -> list[dict[str, Any]]:
+    ctx: ServerContext,
+    message: Message,
+    timing: _Timing | None = None,
+    *,
+    deadline: float | None = None,
+    client_gone: Callable[[], Awaitable[bool]] | None = None,
+) -> Processed:
     """Run one message through lock, load, handler, save and release.
 
-    Returns the response dicts, or raises :class:`ApiError` with the status
-    the client should get. ``timing`` (optional) receives the phase durations.
+    Returns what to answer, or raises :class:`ApiError` with the status the
+    client should get. ``timing`` (optional) receives the phase durations.
+    ``deadline`` (a ``time.monotonic()`` value) bounds the wait for the lock
+    (504 past it, nothing processed); ``client_gone``, checked once the lock
+    is granted, releases the lock unprocessed when it answers True (499).
     """
     parts: dict[str, float] = timing.parts if timing is not None else {}
     metrics = ctx.metrics
@@ -101,31 +178,61 @@ async def process_message(
     outcome = "ok"
     start = time.perf_counter()
     acquired = released = 0.0
+    wait_timeout = None
     try:
-        async with ctx.lock_store.lock(cid) as held:
+        if message.message_id is not None and not ctx.message_ids:
+            raise ApiError(
+                501,
+                "message_id_unsupported",
+                f"this server's tracker store ({ctx.tracker_store.describe()}) does not remember message "
+                "IDs, so it cannot promise to process this message once; send it without message_id and "
+                "Idempotency-Key, or configure a tracker store that supports them",
+            )
+        if deadline is not None:
+            left = _left(deadline)
+            if left is None:
+                raise _deadline_passed("before it could queue for the lock")
+            default = ctx.lock_store.wait_timeout
+            wait_timeout = left if default is None else min(left, default)
+        async with ctx.lock_store.lock(cid, wait_timeout=wait_timeout) as held:
             queued = _unqueue(ctx, cid)
             acquired = time.perf_counter()
             parts["lock"] = acquired - start
             try:
-                responses = await _locked(ctx, message, held.ticket, parts)
+                if client_gone is not None and await client_gone():
+                    raise ApiError(
+                        CLIENT_GONE,
+                        "client_disconnected",
+                        "the client disconnected before the lock was granted; the message was not "
+                        "processed",
+                    )
+                if deadline is not None and _left(deadline) is None:
+                    raise _deadline_passed("just as the lock was granted")
+                processed = await _locked(ctx, message, held.ticket, parts)
             finally:
                 leaving = time.perf_counter()
         released = time.perf_counter()
         parts["release"] = released - leaving
         parts["total"] = released - start
-        return responses
+        if processed.replayed:
+            outcome = "replayed"
+        return processed
     except ApiError as exc:
-        outcome = {409: "stale", 504: "handler_timeout", 500: "handler_error"}.get(
-            exc.status_code, "unavailable"
-        )
+        outcome = _OUTCOMES.get(exc.error, "unavailable")
         raise
     except LockLostError as exc:
         # An operator revoked this message's ticket while it waited.
         outcome = "revoked"
         raise ApiError(409, "ticket_revoked", str(exc)) from None
     except LockTimeoutError as exc:
+        if deadline is not None and _left(deadline) is None:
+            outcome = "deadline"
+            raise _deadline_passed("while it waited for the lock") from None
         outcome = "lock_timeout"
         raise ApiError(503, "lock_timeout", str(exc), headers={"Retry-After": "1"}) from None
+    except TrackerNotReplicated as exc:
+        outcome = "not_replicated"
+        raise ApiError(503, "not_replicated", str(exc), headers={"Retry-After": "1"}) from None
     except (LockStoreUnavailable, TrackerStoreUnavailable) as exc:
         outcome = "unavailable"
         raise ApiError(503, "store_unavailable", str(exc), headers={"Retry-After": "1"}) from None
@@ -165,20 +272,37 @@ def _unqueue(ctx: ServerContext, cid: str) -> bool:
     return False
 
 
-async def _locked(
-    ctx: ServerContext, message: Message, ticket: int, parts: dict[str, float]
-) -> list[dict[str, Any]]:
+def _left(deadline: float) -> float | None:
+    """Seconds left until ``deadline``, or None once it has passed."""
+    left = deadline - time.monotonic()
+    return left if left > 0 else None
+
+
+def _deadline_passed(when: str) -> ApiError:
+    return ApiError(
+        504,
+        "deadline_exceeded",
+        f"the client's deadline (X-Request-Timeout) passed {when}; the message was not processed",
+    )
+
+
+async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict[str, float]) -> Processed:
     """The part of a message's processing that runs while holding the lock."""
     metrics = ctx.metrics
     cid = message.sender
     t0 = time.perf_counter()
     try:
-        record = await ctx.tracker_store.load(cid, ticket=ticket)
+        if message.message_id is None:
+            record = await ctx.tracker_store.load(cid, ticket=ticket)
+        else:
+            record = await ctx.tracker_store.load(cid, ticket=ticket, message_id=message.message_id)
     except StaleTicketError as exc:
         raise ApiError(409, "stale_ticket", str(exc)) from None
     t1 = time.perf_counter()
     parts["load"] = t1 - t0
     metrics.tracker_seconds.labels("load").observe(t1 - t0)
+    if record.replay is not None:
+        return Processed(record.replay.encode("utf-8"), replayed=True)
 
     turn = 1 + sum(1 for event in record.events if event.get("event") == "user")
     conversation = Conversation(cid, tuple(record.events), record.state, turn, ticket)
@@ -214,11 +338,15 @@ async def _locked(
         metrics.handler_seconds.observe(t2 - t1)
 
     now = time.time()
+    # Every event names its message: the client's ID, or one made up here so
+    # that a tracker can always tell which bot events answered which message.
+    event_message_id = message.message_id or uuid.uuid4().hex
     user_event: dict[str, Any] = {
         "event": "user",
         "text": message.text,
         "turn": turn,
         "ticket": ticket,
+        "message_id": event_message_id,
         "timestamp": now,
     }
     if message.metadata:
@@ -227,21 +355,32 @@ async def _locked(
         {
             "event": "bot",
             "turn": turn,
+            "message_id": event_message_id,
             "timestamp": now,
-            **{k: v for k, v in response.items() if k != "recipient_id"},
+            **{k: v for k, v in response.items() if k not in ("recipient_id", "message_id")},
         }
         for response in responses
     ]
+    body = render_json(responses)
+    new_events = [user_event, *bot_events]
     try:
-        await ctx.tracker_store.save(
-            cid, ticket=ticket, new_events=[user_event, *bot_events], state=conversation.state
-        )
+        if message.message_id is None:
+            await ctx.tracker_store.save(cid, ticket=ticket, new_events=new_events, state=conversation.state)
+        else:
+            await ctx.tracker_store.save(
+                cid,
+                ticket=ticket,
+                new_events=new_events,
+                state=conversation.state,
+                message_id=message.message_id,
+                reply=body.decode("ascii"),
+            )
     except StaleTicketError as exc:
         raise ApiError(409, "stale_ticket", str(exc)) from None
     t3 = time.perf_counter()
     parts["save"] = t3 - t2
     metrics.tracker_seconds.labels("save").observe(t3 - t2)
-    return responses
+    return Processed(body, responses=responses)
 
 
 def _handler_error(conversation_id: str, exc: BaseException) -> ApiError:

@@ -10,7 +10,7 @@ from ..store import LockStore
 from .access import AccessSettings
 from .handlers import Handler
 from .metrics import ServerMetrics
-from .tracker import TrackerStore
+from .tracker import TrackerStore, supports_message_ids
 
 __all__ = ["ServerContext"]
 
@@ -26,6 +26,10 @@ class ServerContext:
     is 0, so shutdown can wait until every message has released its lock.
     ``waiting`` counts, per conversation, messages of this process waiting for
     its lock; past ``max_waiting`` a message is refused with 429.
+    ``process_abandoned`` processes a message even when its client has
+    disconnected before the lock was granted (for fire-and-forget clients);
+    by default such a message is released unprocessed.
+    ``message_ids`` says whether the tracker store remembers message IDs.
     """
 
     lock_store: LockStore
@@ -35,12 +39,15 @@ class ServerContext:
     auth_token: str | None = field(default=None, repr=False)
     access: AccessSettings = field(default_factory=AccessSettings)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    process_abandoned: bool = False
     in_flight: int = 0
     max_waiting: int = 100
     waiting: dict[str, int] = field(default_factory=dict)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    message_ids: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
         self.idle.set()
         if self.auth_token is not None and self.access.auth_token is None:
             self.access = dataclasses.replace(self.access, auth_token=self.auth_token)
+        self.message_ids = supports_message_ids(self.tracker_store)

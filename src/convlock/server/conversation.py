@@ -11,11 +11,16 @@ __all__ = ["Conversation", "Message"]
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One incoming message: who sent it, its text and the client's metadata."""
+    """One incoming message: who sent it, its text, the client's metadata and message ID.
+
+    ``message_id`` is the client's ID for this message (the body's
+    ``message_id`` or the ``Idempotency-Key`` header), or None if it sent none.
+    """
 
     sender: str
     text: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
 
 
 @dataclass(slots=True)

@@ -6,9 +6,11 @@ Names (all prefixed ``convlock_``):
   ``http_request_duration_seconds{method,route}``: every request, by route
   template (``/locks/{conversation_id}``), so IDs never become labels;
 * ``messages_total{outcome}``: webhook messages by outcome: ``ok``,
-  ``stale`` (409), ``handler_timeout`` (504), ``handler_error`` (500),
-  ``lock_timeout`` and ``unavailable`` (503), ``overloaded`` (429: too many
-  messages of one conversation waiting);
+  ``replayed`` (a remembered message ID), ``abandoned`` (the client had
+  gone when the lock was granted), ``stale`` (409), ``handler_timeout`` and
+  ``deadline`` (504), ``handler_error`` (500), ``refused`` (501),
+  ``lock_timeout``, ``not_replicated``, ``unavailable`` and ``cancelled``
+  (503), ``overloaded`` (429: too many messages of one conversation waiting);
 * ``messages_in_flight``: messages being processed now;
 * the lock store's collectors from :class:`convlock.metrics.LockMetrics`
   (``lock_wait_seconds``, ``lock_hold_seconds``, ``lock_grants_total``,

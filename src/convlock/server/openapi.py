@@ -35,7 +35,8 @@ _CID = {
 }
 
 _UNAVAILABLE = _error(
-    "A store is unreachable, the lock was not granted within wait_timeout, or shutdown cancelled the message"
+    "A store is unreachable, a save was not confirmed by min_replicas_acked replicas (retry with the same "
+    "message_id), the lock was not granted within wait_timeout, or shutdown cancelled the message"
 )
 
 _SCHEMAS: dict[str, Any] = {
@@ -56,6 +57,13 @@ _SCHEMAS: dict[str, Any] = {
             },
             "message": {"type": "string"},
             "metadata": {"type": "object", "nullable": True, "additionalProperties": True},
+            "message_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 256,
+                "description": "The client's ID of this message, 1 to 256 UTF-8 bytes: a repeat of an ID the "
+                "conversation remembers is answered with the stored reply and not processed again",
+            },
         },
     },
     "BotResponse": {
@@ -139,16 +147,37 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "post": {
                     "operationId": "sendMessage",
                     "summary": "Process one message of a conversation and return the bot's responses",
-                    "description": "Open unless the server has --webhook-token (bearer header or ?token=) "
+                    "description": "Send a message_id (or an Idempotency-Key header) to make retries safe. "
+                    "An 'X-Request-Timeout: <seconds>' header sets a deadline: a message still waiting "
+                    "for its conversation's lock when it passes gets 504 and is never processed. "
+                    "Open unless the server has --webhook-token (bearer header or ?token=) "
                     "or --webhook-hmac-secret (X-Convlock-Signature: sha256=<hex HMAC-SHA256 of the body>)",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "Same as the body's message_id (if both are sent they must agree)",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("WebhookRequest")}},
                     },
                     "responses": {
-                        "200": _json(
-                            {"type": "array", "items": _ref("BotResponse")}, "The handler's responses"
-                        ),
+                        "200": {
+                            **_json(
+                                {"type": "array", "items": _ref("BotResponse")},
+                                "The handler's responses, or for a repeated message_id the stored ones",
+                            ),
+                            "headers": {
+                                "Idempotent-Replayed": {
+                                    "description": "'true' when the reply is the stored one of a repeat",
+                                    "schema": {"type": "string", "enum": ["true"]},
+                                }
+                            },
+                        },
                         "400": _error("The body is not valid JSON, or the client left before it ended"),
                         "401": _error("The webhook token or signature is missing or wrong (when configured)"),
                         "409": _error(
@@ -160,9 +189,17 @@ def openapi_document(version: str) -> dict[str, Any]:
                             "Too many messages of this conversation wait on this server "
                             "(--max-waiting-per-conversation); nothing stored, retry after Retry-After"
                         ),
+                        "499": _error(
+                            "The client disconnected before the lock was granted; not processed "
+                            "(sent to nobody, for the access log)"
+                        ),
                         "500": _error("The handler raised; state unchanged"),
+                        "501": _error("A message_id was sent but the tracker store cannot remember IDs"),
                         "503": _UNAVAILABLE,
-                        "504": _error("The handler ran past --handler-timeout; state unchanged"),
+                        "504": _error(
+                            "The handler ran past --handler-timeout, or the X-Request-Timeout deadline "
+                            "passed before the lock was granted; state unchanged"
+                        ),
                     },
                 }
             },

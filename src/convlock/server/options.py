@@ -8,6 +8,7 @@ the key or flag and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from .tracker import InMemoryTrackerStore
 from .tracker_factory import create_tracker_store
 
 __all__ = ["OPTIONS_ENV", "ServerOptions", "build_context"]
+
+logger = logging.getLogger("convlock.server")
 
 #: Worker processes started by uvicorn read their options from this variable.
 OPTIONS_ENV = "CONVLOCK_RUN_OPTIONS"
@@ -49,6 +52,7 @@ class ServerOptions:
     webhook_hmac_secret: str | None = field(default=None, repr=False)
     log_level: str = "info"
     log_format: str = "text"
+    process_abandoned: bool = False
 
     def access(self) -> AccessSettings:
         """The access options these imply; registers the secrets for log redaction."""
@@ -104,7 +108,7 @@ def build_context(options: ServerOptions) -> ServerContext:
     tracker_store = create_tracker_store(config.get("tracker_store"))
     # Stores connect lazily, so on refusal dropping them is enough.
     _check_combination(options, lock_store, tracker_store)
-    return ServerContext(
+    ctx = ServerContext(
         lock_store=lock_store,
         tracker_store=tracker_store,
         handler=handler,
@@ -112,7 +116,15 @@ def build_context(options: ServerOptions) -> ServerContext:
         auth_token=options.auth_token,
         max_waiting=options.max_waiting_per_conversation,
         access=access,
+        process_abandoned=options.process_abandoned,
     )
+    if not ctx.message_ids:
+        logger.warning(
+            "tracker store %s takes no message_id in load() and save(): messages that carry a "
+            "message_id or Idempotency-Key will be refused with 501",
+            tracker_store.describe(),
+        )
+    return ctx
 
 
 def _check_combination(options: ServerOptions, lock_store: object, tracker_store: object) -> None:

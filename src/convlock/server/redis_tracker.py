@@ -23,6 +23,23 @@ and the write are atomic, which is the whole point of fencing. With
 ``expire_after``, every load-with-ticket and save resets a TTL, so idle
 conversations disappear; the fence goes with them, which is safe as long as
 ``expire_after`` is far longer than a lock lease (it is checked at start-up).
+
+Message IDs: two more keys per conversation, in the same slot, remember the
+last ``remember_message_ids`` IDs with their replies (layout and scripts in
+:mod:`convlock.server.redis_tracker_scripts`). The load script checks the ID
+after the fence, so a repeat costs no extra round trip.
+
+Replicas (``min_replicas_acked`` > 0): Redis replicates asynchronously, so a
+save the master acknowledged can be lost in a failover. The save is
+therefore sent in one pipeline with ``WAIT min_replicas_acked timeout`` on
+the same connection (WAIT counts the replicas that have this connection's
+writes); fewer acknowledgements raise :class:`TrackerNotReplicated`, so the
+server answers 503 and never acknowledges a save that a failover could drop.
+A replay is confirmed the same way (``CONFIRM`` + ``WAIT``), because the
+remembered ID it read may itself be a save that was never acknowledged.
+This bounds what a *planned* failover can lose to nothing; a crash can still
+lose what the master acknowledged and the chosen replica had not received
+when WAIT was not used (see ``docs/redis.md``).
 """
 
 from __future__ import annotations
@@ -31,52 +48,27 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisError
 
 from ..config import RedisSettings
 from ..ids import check_conversation_id
 from ..redis.keys import encode_id
+from . import redis_tracker_scripts as lua
 from .tracker import (
+    DEFAULT_REMEMBER_MESSAGE_IDS,
     StaleTicketError,
+    TrackerNotReplicated,
     TrackerRecord,
     TrackerStore,
     TrackerStoreUnavailable,
+    check_message_id,
+    check_remember,
     check_ticket,
     dumps,
 )
 
 __all__ = ["RedisTrackerStore"]
-
-# KEYS[1] the hash; ARGV[1] ticket; ARGV[2] TTL in ms (0: none).
-# Returns {1, fields...} (HGETALL) or {0, fence} when the ticket is stale.
-_LOAD = """
-local ticket = tonumber(ARGV[1])
-local raw = redis.call('HGET', KEYS[1], 'fence') or '0'
-local fence = tonumber(raw)
-if ticket < fence then return {0, raw} end
-if ticket > fence then redis.call('HSET', KEYS[1], 'fence', ARGV[1]) end
-if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-local fields = redis.call('HGETALL', KEYS[1])
-table.insert(fields, 1, 1)
-return fields
-"""
-
-# KEYS[1] the hash; ARGV[1] ticket; ARGV[2] TTL in ms (0: none);
-# ARGV[3] state JSON; ARGV[4..] new events, JSON each.
-# Returns {1, event count} or {0, fence} when the ticket is stale.
-_SAVE = """
-local ticket = tonumber(ARGV[1])
-local raw = redis.call('HGET', KEYS[1], 'fence') or '0'
-if ticket < tonumber(raw) then return {0, raw} end
-local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-for i = 4, #ARGV do
-  n = n + 1
-  redis.call('HSET', KEYS[1], 'e:' .. n, ARGV[i])
-end
-redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'ticket', ARGV[1], 'state', ARGV[3], 'n', n)
-if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return {1, n}
-"""
 
 
 class RedisTrackerStore(TrackerStore):
@@ -85,6 +77,11 @@ class RedisTrackerStore(TrackerStore):
     Build it with :meth:`from_settings`; ``client`` is any asyncio Redis or
     RedisCluster client whose replies are bytes. ``expire_after`` (seconds)
     drops conversations idle that long; None keeps them for ever.
+    ``remember_message_ids`` bounds the message IDs each conversation
+    remembers. With ``min_replicas_acked`` > 0, a save (and a replay) only
+    succeeds once that many replicas confirmed it within
+    ``replica_ack_timeout`` seconds; otherwise it raises
+    :class:`TrackerNotReplicated`.
     """
 
     def __init__(
@@ -94,6 +91,9 @@ class RedisTrackerStore(TrackerStore):
         key_prefix: str = "convlock",
         expire_after: float | None = None,
         target: str = "Redis",
+        remember_message_ids: int = DEFAULT_REMEMBER_MESSAGE_IDS,
+        min_replicas_acked: int = 0,
+        replica_ack_timeout: float = 1.0,
     ) -> None:
         self._client = client
         self._prefix = f"{key_prefix}:tracker:"
@@ -101,50 +101,147 @@ class RedisTrackerStore(TrackerStore):
         self.expire_after = expire_after
         self._ttl_ms = 0 if expire_after is None else max(1, round(expire_after * 1000))
         self._target = target
-        self._load_script = client.register_script(_LOAD)
-        self._save_script = client.register_script(_SAVE)
+        #: How many message IDs each conversation remembers.
+        self.remember_message_ids = check_remember(remember_message_ids)
+        if type(min_replicas_acked) is not int or min_replicas_acked < 0:
+            raise ValueError(f"min_replicas_acked must be an int of 0 or more, got {min_replicas_acked!r}")
+        if not replica_ack_timeout > 0:
+            raise ValueError(f"replica_ack_timeout must be positive, got {replica_ack_timeout!r}")
+        #: Replicas that must confirm each save before it is acknowledged (0: none).
+        self.min_replicas_acked = min_replicas_acked
+        self._wait_ms = max(1, round(replica_ack_timeout * 1000))
+        self._load_script = client.register_script(lua.LOAD)
+        self._save_script = client.register_script(lua.SAVE)
+        self._confirm_script = client.register_script(lua.CONFIRM)
         self._saves = 0
         self._stale = 0
+        self._replays = 0
+        self._not_replicated = 0
 
     @classmethod
     def from_settings(
-        cls, settings: RedisSettings, *, expire_after: float | None = None
+        cls,
+        settings: RedisSettings,
+        *,
+        expire_after: float | None = None,
+        remember_message_ids: int = DEFAULT_REMEMBER_MESSAGE_IDS,
+        min_replicas_acked: int | None = None,
+        replica_ack_timeout: float = 1.0,
     ) -> RedisTrackerStore:
-        """Build the store from the ``tracker_store:`` block's connection keys."""
+        """Build the store from the ``tracker_store:`` block's connection keys.
+
+        ``min_replicas_acked`` None means 1 in Sentinel mode (a failover must
+        not lose an acknowledged save) and 0 otherwise.
+        """
         from ..redis.connection import create_client, describe
 
+        if min_replicas_acked is None:
+            min_replicas_acked = 1 if settings.deployment_mode == "sentinel" else 0
         # retries=0: a save is not idempotent (it appends), so it is never re-sent.
         client = create_client(settings, retries=0)
         return cls(
-            client, key_prefix=settings.key_prefix, expire_after=expire_after, target=describe(settings)
+            client,
+            key_prefix=settings.key_prefix,
+            expire_after=expire_after,
+            target=describe(settings),
+            remember_message_ids=remember_message_ids,
+            min_replicas_acked=min_replicas_acked,
+            replica_ack_timeout=replica_ack_timeout,
         )
 
     def key(self, conversation_id: str) -> str:
         """The Redis key of a conversation's hash."""
         return f"{self._prefix}{{{encode_id(conversation_id)}}}"
 
+    def keys(self, conversation_id: str) -> list[str]:
+        """The conversation's keys: its hash, its remembered message IDs and their order."""
+        record = self.key(conversation_id)
+        return [record, f"{record}:ids", f"{record}:ido"]
+
+    async def _replicated(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script``, then ``WAIT`` on the same connection; raise if too few replicas confirm.
+
+        Both go in one pipeline, which redis-py sends on one connection (for
+        a cluster: on one connection to the node that owns the keys), so
+        WAIT counts exactly the replicas that have this script's writes.
+        """
+        client = self._client
+        extra: dict[str, Any] = {}
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # learns the slot map on first use; a no-op after that
+            extra["target_nodes"] = client.get_node_from_key(keys[0])
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas_acked, self._wait_ms, **extra)
+            reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 0:
+                await client.script_load(script.script)
+                continue
+            break
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acked, Exception):
+            raise acked
+        refused = isinstance(reply, list) and int(reply[0]) == 0  # a stale ticket wrote nothing
+        if not refused and int(acked) < self.min_replicas_acked:
+            self._not_replicated += 1
+            raise TrackerNotReplicated(
+                f"tracker store at {self._target}: the write reached the master but only {int(acked)} of "
+                f"the {self.min_replicas_acked} replicas required (min_replicas_acked) confirmed it within "
+                f"{self._wait_ms} ms, so it is not acknowledged; retry the message with its message_id"
+            )
+        return reply
+
     def _unavailable(self, exc: Exception) -> TrackerStoreUnavailable:
         return TrackerStoreUnavailable(f"tracker store at {self._target} failed: {type(exc).__name__}: {exc}")
 
-    async def load(self, conversation_id: str, *, ticket: int | None = None) -> TrackerRecord:
+    async def load(
+        self, conversation_id: str, *, ticket: int | None = None, message_id: str | None = None
+    ) -> TrackerRecord:
         check_conversation_id(conversation_id)
-        key = self.key(conversation_id)
+        if message_id is not None:
+            if ticket is None:
+                raise ValueError("a load with message_id must carry the lock's ticket")
+            check_message_id(message_id)
+        keys = self.keys(conversation_id)
         try:
             if ticket is None:
-                raw: list[Any] = await self._client.hgetall(key)
+                raw: list[Any] = await self._client.hgetall(keys[0])
                 flat: list[Any] = []
                 for name, value in dict(raw).items():
                     flat += [name, value]
             else:
                 check_ticket(ticket)
-                reply = await self._load_script(keys=[key], args=[ticket, self._ttl_ms])
+                args = [ticket, self._ttl_ms, message_id or ""]
+                reply = await self._load_script(keys=keys, args=args)
                 if int(reply[0]) == 0:
                     self._stale += 1
                     raise StaleTicketError(conversation_id, ticket, int(reply[1]))
+                if int(reply[0]) == 2:
+                    assert message_id is not None
+                    return await self._replay(conversation_id, keys, message_id, ticket, reply[1])
                 flat = list(reply[1:])
         except RedisError as exc:
             raise self._unavailable(exc) from exc
         return self._record(conversation_id, flat)
+
+    async def _replay(
+        self, conversation_id: str, keys: list[str], message_id: str, ticket: int, stored: Any
+    ) -> TrackerRecord:
+        """The record of a remembered message ID, once enough replicas hold it."""
+        # The ID may come from a save that was answered 503 (not replicated
+        # in time): replay it only once replicas have it.
+        if self.min_replicas_acked and not await self._replicated(
+            self._confirm_script, keys[:2], [message_id]
+        ):
+                raise TrackerStoreUnavailable(
+                    f"tracker store at {self._target}: message ID {message_id!r} vanished while its "
+                    "reply was being confirmed (the conversation expired); retry the message"
+                )
+        self._replays += 1
+        reply = stored.decode("utf-8") if isinstance(stored, bytes) else str(stored)
+        return TrackerRecord(conversation_id, ticket=ticket, fence=ticket, replay=reply)
 
     @staticmethod
     def _record(conversation_id: str, flat: Sequence[Any]) -> TrackerRecord:
@@ -170,18 +267,27 @@ class RedisTrackerStore(TrackerStore):
         ticket: int,
         new_events: Sequence[Mapping[str, Any]],
         state: Mapping[str, Any],
+        message_id: str | None = None,
+        reply: str | None = None,
     ) -> TrackerRecord:
         check_conversation_id(conversation_id)
         check_ticket(ticket)
+        if message_id is not None:
+            check_message_id(message_id)
         args: list[Any] = [ticket, self._ttl_ms, dumps(dict(state))]
+        args += [message_id or "", "[]" if reply is None else reply, self.remember_message_ids]
         args += [dumps(dict(event)) for event in new_events]
+        keys = self.keys(conversation_id)
         try:
-            reply = await self._save_script(keys=[self.key(conversation_id)], args=args)
+            if self.min_replicas_acked:
+                result = await self._replicated(self._save_script, keys, args)
+            else:
+                result = await self._save_script(keys=keys, args=args)
         except RedisError as exc:
             raise self._unavailable(exc) from exc
-        if int(reply[0]) == 0:
+        if int(result[0]) == 0:
             self._stale += 1
-            raise StaleTicketError(conversation_id, ticket, int(reply[1]))
+            raise StaleTicketError(conversation_id, ticket, int(result[1]))
         self._saves += 1
         return TrackerRecord(conversation_id, ticket=ticket, fence=ticket)
 
@@ -195,8 +301,15 @@ class RedisTrackerStore(TrackerStore):
         await self._client.aclose()
 
     def statistics(self) -> Mapping[str, Any]:
-        """Applied saves and refused stale tickets, by this process."""
-        return {"backend": "redis", "saves": self._saves, "stale_refused": self._stale}
+        """Applied saves, refused stale tickets, replays and unconfirmed saves, by this process."""
+        return {
+            "backend": "redis",
+            "saves": self._saves,
+            "stale_refused": self._stale,
+            "replays": self._replays,
+            "not_replicated": self._not_replicated,
+            "min_replicas_acked": self.min_replicas_acked,
+        }
 
     def describe(self) -> str:
         return f"Redis tracker store at {self._target}"

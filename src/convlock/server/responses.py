@@ -11,7 +11,12 @@ from typing import Any
 
 from starlette.responses import Response
 
-__all__ = ["ApiError", "JSONResponse", "error_response"]
+__all__ = ["ApiError", "JSONResponse", "error_response", "render_json"]
+
+
+def render_json(content: Any) -> bytes:
+    """The bytes every JSON response of this server sends for ``content`` (ASCII, compact)."""
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class JSONResponse(Response):
@@ -24,7 +29,7 @@ class JSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+        return render_json(content)
 
 
 class ApiError(Exception):

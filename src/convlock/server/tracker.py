@@ -17,23 +17,50 @@ that is the same holder saving.
 
 Every value crosses the store as JSON, so a handler can never keep a
 reference into stored state and change it behind the store's back.
+
+Message IDs (exactly-once delivery): a save may carry the client's
+``message_id`` and the reply that was sent for it (the JSON text of the
+responses). The store remembers the last ``remember_message_ids`` IDs of each
+conversation with their replies, and a fenced load that carries a
+``message_id`` it remembers returns that reply in :attr:`TrackerRecord.replay`,
+checked in the same step as the fence, so a repeat is never processed again.
+The check happens under the conversation's lock, so a repeat that arrives
+while the first is still being processed waits and then finds the ID.
+Remembered IDs are scoped to one conversation and bounded in number: the
+oldest is forgotten when a new one would exceed the bound (and, in Redis,
+they expire with the conversation).
+
+Custom stores written before message IDs existed keep working: the server
+checks with :func:`supports_message_ids` whether a store's ``load`` and
+``save`` take the new keyword arguments, and only then passes them.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_REMEMBER_MESSAGE_IDS",
     "InMemoryTrackerStore",
     "StaleTicketError",
+    "TrackerNotReplicated",
     "TrackerRecord",
     "TrackerStore",
     "TrackerStoreUnavailable",
+    "check_message_id",
+    "supports_message_ids",
 ]
+
+#: How many message IDs (with their replies) each conversation remembers by default.
+DEFAULT_REMEMBER_MESSAGE_IDS = 1000
+#: Longest message ID, in UTF-8 bytes.
+MAX_MESSAGE_ID_BYTES = 256
 
 
 class StaleTicketError(Exception):
@@ -58,6 +85,15 @@ class TrackerStoreUnavailable(ConnectionError):
     """The tracker store's backend could not be reached; the message names it."""
 
 
+class TrackerNotReplicated(TrackerStoreUnavailable):
+    """A write reached the master but not ``min_replicas_acked`` replicas in time.
+
+    The write may survive or may be lost in a failover; the caller must not
+    acknowledge it. A retry that carries the same message ID is safe: it
+    finds the ID if the write survived, and processes the message if not.
+    """
+
+
 @dataclass(slots=True)
 class TrackerRecord:
     """One conversation as stored: events, handler state and its tickets.
@@ -71,6 +107,10 @@ class TrackerRecord:
     state: dict[str, Any] = field(default_factory=dict)
     ticket: int = 0
     fence: int = 0
+    #: The reply stored with the ``message_id`` a load asked about (JSON text),
+    #: or None if the conversation does not remember that ID. When set, a store
+    #: may leave ``events`` and ``state`` empty: the message is not processed.
+    replay: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as ``GET /conversations/{id}/tracker`` returns it."""
@@ -81,6 +121,46 @@ class TrackerRecord:
             "ticket": self.ticket,
             "fence": self.fence,
         }
+
+
+def check_message_id(message_id: str) -> str:
+    """Return ``message_id`` if it is a ``str`` of 1 to 256 UTF-8 bytes, else raise ValueError."""
+    if not isinstance(message_id, str):
+        raise ValueError(f"message_id must be a string, got {type(message_id).__name__}")
+    try:
+        size = len(message_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("message_id must be valid Unicode text (no lone surrogates)") from None
+    if not 1 <= size <= MAX_MESSAGE_ID_BYTES:
+        raise ValueError(f"message_id must be 1 to {MAX_MESSAGE_ID_BYTES} UTF-8 bytes, got {size}")
+    return message_id
+
+
+def check_remember(value: int) -> int:
+    """Return ``value`` if it can bound remembered message IDs (an int of 1 or more)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"remember_message_ids must be an int of 1 or more, got {value!r}")
+    return value
+
+
+def supports_message_ids(store: TrackerStore) -> bool:
+    """Whether ``store``'s ``load`` takes ``message_id`` and its ``save`` takes ``message_id`` and ``reply``.
+
+    Stores written against the older interface (without them) are still
+    usable; the server then refuses messages that carry an ID instead of
+    silently processing repeats.
+    """
+
+    def accepts(method: Any, names: Sequence[str]) -> bool:
+        try:
+            parameters = inspect.signature(method).parameters
+        except (TypeError, ValueError):
+            return False
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return True
+        return all(name in parameters for name in names)
+
+    return accepts(store.load, ["message_id"]) and accepts(store.save, ["message_id", "reply"])
 
 
 def check_ticket(ticket: int) -> int:
@@ -99,12 +179,18 @@ class TrackerStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def load(self, conversation_id: str, *, ticket: int | None = None) -> TrackerRecord:
+    async def load(
+        self, conversation_id: str, *, ticket: int | None = None, message_id: str | None = None
+    ) -> TrackerRecord:
         """Return the conversation's record (an empty one if it was never saved).
 
         With ``ticket`` (a lock holder's fencing token), raise the fence to it
         in the same step, or raise :class:`StaleTicketError` if the fence is
         already higher. Without it, the load is a plain read.
+
+        With ``message_id`` (only together with ``ticket``), check in the same
+        step whether the conversation remembers that ID; if it does, the
+        record's ``replay`` is the reply saved with it. The check costs O(1).
         """
 
     @abc.abstractmethod
@@ -115,6 +201,8 @@ class TrackerStore(abc.ABC):
         ticket: int,
         new_events: Sequence[Mapping[str, Any]],
         state: Mapping[str, Any],
+        message_id: str | None = None,
+        reply: str | None = None,
     ) -> TrackerRecord:
         """Append ``new_events``, replace the state and record ``ticket``, atomically.
 
@@ -123,6 +211,12 @@ class TrackerStore(abc.ABC):
         or ``ValueError`` otherwise, before anything is written). Returns the
         record's tickets after the save (``events`` and ``state`` may be left
         empty by stores that would have to read them back).
+
+        With ``message_id``, remember it with ``reply`` (the JSON text sent
+        to the client) in the same step, forgetting the conversation's oldest
+        remembered ID if the bound is reached. Raises
+        :class:`TrackerNotReplicated` when the store was asked to wait for
+        replicas and they did not confirm the save in time.
         """
 
     async def ping(self) -> None:  # noqa: B027  (optional hook: nothing to check in memory)
@@ -151,6 +245,8 @@ class _Stored:
     state: str = "{}"
     ticket: int = 0
     fence: int = 0
+    # message ID -> reply, oldest first, so the oldest is the one forgotten.
+    replies: OrderedDict[str, str] = field(default_factory=OrderedDict)
 
 
 class InMemoryTrackerStore(TrackerStore):
@@ -158,20 +254,28 @@ class InMemoryTrackerStore(TrackerStore):
 
     For one server process only; replicas and workers need a shared store
     such as ``RedisTrackerStore``. State is kept as JSON text, so what a
-    handler holds after a load is its own copy.
+    handler holds after a load is its own copy. Each conversation remembers
+    its last ``remember_message_ids`` message IDs with their replies.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, remember_message_ids: int = DEFAULT_REMEMBER_MESSAGE_IDS) -> None:
         self._records: dict[str, _Stored] = {}
+        #: How many message IDs each conversation remembers.
+        self.remember_message_ids = check_remember(remember_message_ids)
         self._saves = 0
         self._stale = 0
+        self._replays = 0
 
     def _refuse(self, conversation_id: str, ticket: int, fence: int) -> StaleTicketError:
         self._stale += 1
         return StaleTicketError(conversation_id, ticket, fence)
 
-    async def load(self, conversation_id: str, *, ticket: int | None = None) -> TrackerRecord:
+    async def load(
+        self, conversation_id: str, *, ticket: int | None = None, message_id: str | None = None
+    ) -> TrackerRecord:
         stored = self._records.get(conversation_id)
+        if message_id is not None and ticket is None:
+            raise ValueError("a load with message_id must carry the lock's ticket")
         if ticket is not None:
             check_ticket(ticket)
             if stored is None:
@@ -179,6 +283,13 @@ class InMemoryTrackerStore(TrackerStore):
             if ticket < stored.fence:
                 raise self._refuse(conversation_id, ticket, stored.fence)
             stored.fence = ticket
+            if message_id is not None:
+                reply = stored.replies.get(check_message_id(message_id))
+                if reply is not None:
+                    self._replays += 1
+                    return TrackerRecord(
+                        conversation_id, ticket=stored.ticket, fence=stored.fence, replay=reply
+                    )
         if stored is None:
             return TrackerRecord(conversation_id)
         return TrackerRecord(
@@ -196,8 +307,12 @@ class InMemoryTrackerStore(TrackerStore):
         ticket: int,
         new_events: Sequence[Mapping[str, Any]],
         state: Mapping[str, Any],
+        message_id: str | None = None,
+        reply: str | None = None,
     ) -> TrackerRecord:
         check_ticket(ticket)
+        if message_id is not None:
+            check_message_id(message_id)
         # Serialize first: a value that is not JSON must fail before any write.
         encoded_events = [dumps(dict(event)) for event in new_events]
         encoded_state = dumps(dict(state))
@@ -207,16 +322,21 @@ class InMemoryTrackerStore(TrackerStore):
         stored.events.extend(encoded_events)
         stored.state = encoded_state
         stored.ticket = stored.fence = ticket
+        if message_id is not None and message_id not in stored.replies:
+            stored.replies[message_id] = "[]" if reply is None else reply
+            if len(stored.replies) > self.remember_message_ids:
+                stored.replies.popitem(last=False)
         self._saves += 1
         return TrackerRecord(conversation_id, ticket=ticket, fence=ticket)
 
     def statistics(self) -> Mapping[str, Any]:
-        """Number of conversations, applied saves and refused stale tickets."""
+        """Number of conversations, applied saves, refused stale tickets and replayed message IDs."""
         return {
             "backend": "in_memory",
             "conversations": len(self._records),
             "saves": self._saves,
             "stale_refused": self._stale,
+            "replays": self._replays,
         }
 
     def describe(self) -> str:

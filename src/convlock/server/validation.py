@@ -21,15 +21,21 @@ from starlette.requests import ClientDisconnect, Request
 
 from ..ids import check_conversation_id
 from .responses import ApiError
+from .tracker import check_message_id
 
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_JSON_DEPTH",
     "WebhookRequest",
+    "message_id_of",
     "parse_json",
     "read_body",
+    "request_deadline",
     "validate_webhook",
 ]
+
+#: Longest deadline a client may send in ``X-Request-Timeout``, in seconds (a day).
+MAX_REQUEST_TIMEOUT = 86_400.0
 
 MAX_BODY_BYTES = 1024 * 1024
 #: Most levels of arrays and objects a body may nest, the body object included.
@@ -123,7 +129,10 @@ class WebhookRequest(BaseModel):
 
     ``sender`` names the conversation (non-empty, at most 4096 UTF-8 bytes);
     ``message`` is the text; ``metadata`` is an optional JSON object passed
-    to the handler and stored with the event. Unknown keys are ignored.
+    to the handler and stored with the event; ``message_id`` (optional, 1 to
+    256 UTF-8 bytes) makes the message exactly-once: a repeat of an ID the
+    conversation remembers is answered with the stored reply and not
+    processed again. Unknown keys are ignored.
     """
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
@@ -131,11 +140,17 @@ class WebhookRequest(BaseModel):
     sender: str
     message: str
     metadata: dict[str, Any] | None = None
+    message_id: str | None = None
 
     @field_validator("sender")
     @classmethod
     def _check_sender(cls, value: str) -> str:
         return check_conversation_id(value)
+
+    @field_validator("message_id")
+    @classmethod
+    def _check_message_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_message_id(value)
 
 
 def validate_webhook(payload: Any) -> WebhookRequest:
@@ -160,3 +175,47 @@ def _kind(value: Any) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
     )
+
+
+def message_id_of(payload: WebhookRequest, idempotency_key: str | None) -> str | None:
+    """The message's ID: the body's ``message_id`` or the ``Idempotency-Key`` header.
+
+    Both may be given if they agree; a header that is not a valid ID, or
+    one that contradicts the body, is a 422 naming it.
+    """
+    if idempotency_key is None:
+        return payload.message_id
+    try:
+        check_message_id(idempotency_key)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", f"Idempotency-Key header: {exc}") from None
+    if payload.message_id is not None and payload.message_id != idempotency_key:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "the Idempotency-Key header and the body's message_id differ; they mean the same thing, "
+            "so send one of them, or the same value in both",
+        )
+    return idempotency_key
+
+
+def request_deadline(header: str | None, arrived: float) -> float | None:
+    """The monotonic deadline an ``X-Request-Timeout: <seconds>`` header sets, counted from ``arrived``.
+
+    None without the header; a 400 naming the header for anything but a
+    positive number of seconds up to a day.
+    """
+    if header is None:
+        return None
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_REQUEST_TIMEOUT:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"X-Request-Timeout must be a positive number of seconds up to {MAX_REQUEST_TIMEOUT:g}, "
+            f"got {header[:40]!r}",
+        )
+    return arrived + seconds

@@ -1,0 +1,160 @@
+"""The Lua scripts of :class:`~convlock.server.redis_tracker.RedisTrackerStore`, built from named pieces.
+
+A message costs two scripts on the conversation's hash slot: ``LOAD`` (raise
+the fence, check the message ID, read the conversation) and ``SAVE`` (check
+the fence, append events, save state, remember the message ID with its
+reply). Each script is assembled from pieces so that a later step can splice
+the same pieces into the lock store's scripts (one combined script in, one
+out) without rewriting them:
+
+=====================  ==================================================
+piece                  job
+=====================  ==================================================
+``FENCE_RAISE``        refuse a stale ticket, else raise the fence (load)
+``MESSAGE_ID_LOOKUP``  return the stored reply of a remembered message ID
+``READ_RECORD``        refresh TTLs and return the whole hash (load)
+``FENCE_CHECK``        refuse a stale ticket (save)
+``APPEND_AND_SAVE``    append events, replace state, record the ticket
+``MESSAGE_ID_REMEMBER``  remember ID -> reply; forget the oldest past the bound
+``TOUCH_TTL``          refresh the TTL of every key the save used
+=====================  ==================================================
+
+Pieces share locals and read named arguments; every script first copies
+``KEYS``/``ARGV`` into the locals listed in its header, so a piece never
+depends on argument positions. A piece may ``return`` (a refusal or a
+replay): it then ends the script.
+
+Keys (all share the conversation's hash tag ``{E}``, hence one Cluster slot):
+
+* ``record``: ``P:tracker:{E}``, hash of ``fence``, ``ticket``, ``state``,
+  ``n`` and ``e:<i>`` per event;
+* ``ids``: ``P:tracker:{E}:ids``, hash of message ID -> reply (JSON text);
+* ``order``: ``P:tracker:{E}:ido``, list of the remembered IDs, oldest
+  first, so that forgetting the oldest is one ``LPOP``: remembering costs
+  O(1) whatever the bound, and the two ``ids`` keys never hold more than
+  ``remember`` entries.
+
+Replies: ``{0, fence}`` a stale ticket; ``{1, fields...}`` a load's hash;
+``{2, reply}`` a remembered message ID; ``{1, n}`` a save's event count.
+
+``CONFIRM`` serves the replay path when saves must reach replicas: it
+rewrites the fence to itself, a no-op that still propagates, so a ``WAIT``
+sent right after it on the same connection confirms that everything the
+master held when the replay was read, the remembered ID included, has
+reached the replicas.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APPEND_AND_SAVE",
+    "CONFIRM",
+    "FENCE_CHECK",
+    "FENCE_RAISE",
+    "LOAD",
+    "MESSAGE_ID_LOOKUP",
+    "MESSAGE_ID_REMEMBER",
+    "READ_RECORD",
+    "SAVE",
+    "TOUCH_TTL",
+]
+
+# -- load: KEYS record, ids, order; ARGV ticket, ttl_ms, message_id ('' for none)
+
+_LOAD_HEADER = """
+local record, ids, order = KEYS[1], KEYS[2], KEYS[3]
+local ticket_text, ttl, message_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local ticket = tonumber(ticket_text)
+"""
+
+#: A ticket below the fence is refused; a higher one raises it.
+FENCE_RAISE = """
+local fence_text = redis.call('HGET', record, 'fence') or '0'
+if ticket < tonumber(fence_text) then return {0, fence_text} end
+if ticket > tonumber(fence_text) then redis.call('HSET', record, 'fence', ticket_text) end
+"""
+
+#: A message ID the conversation remembers ends the load with its reply.
+MESSAGE_ID_LOOKUP = """
+if message_id ~= '' then
+  local reply = redis.call('HGET', ids, message_id)
+  if reply then
+    if ttl > 0 then
+      redis.call('PEXPIRE', record, ttl)
+      redis.call('PEXPIRE', ids, ttl)
+      redis.call('PEXPIRE', order, ttl)
+    end
+    return {2, reply}
+  end
+end
+"""
+
+#: The whole record; TTLs restart, since the conversation is in use.
+READ_RECORD = """
+if ttl > 0 then
+  redis.call('PEXPIRE', record, ttl)
+  redis.call('PEXPIRE', ids, ttl)
+  redis.call('PEXPIRE', order, ttl)
+end
+local fields = redis.call('HGETALL', record)
+table.insert(fields, 1, 1)
+return fields
+"""
+
+LOAD = _LOAD_HEADER + FENCE_RAISE + MESSAGE_ID_LOOKUP + READ_RECORD
+
+# -- save: KEYS record, ids, order; ARGV ticket, ttl_ms, state, message_id ('' for none),
+#    reply, remember (the bound), then the new events (JSON each)
+
+_SAVE_HEADER = """
+local record, ids, order = KEYS[1], KEYS[2], KEYS[3]
+local ticket_text, ttl, state = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local message_id, reply, remember = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local first_event = 7
+local ticket = tonumber(ticket_text)
+"""
+
+#: A ticket below the fence is refused, and nothing is written.
+FENCE_CHECK = """
+local fence_text = redis.call('HGET', record, 'fence') or '0'
+if ticket < tonumber(fence_text) then return {0, fence_text} end
+"""
+
+#: Events are appended one field each: a save costs what the message added.
+APPEND_AND_SAVE = """
+local n = tonumber(redis.call('HGET', record, 'n') or '0')
+for i = first_event, #ARGV do
+  n = n + 1
+  redis.call('HSET', record, 'e:' .. n, ARGV[i])
+end
+redis.call('HSET', record, 'fence', ticket_text, 'ticket', ticket_text, 'state', state, 'n', n)
+"""
+
+#: HSETNX: an ID already remembered keeps its first reply and its place.
+MESSAGE_ID_REMEMBER = """
+if message_id ~= '' and redis.call('HSETNX', ids, message_id, reply) == 1 then
+  redis.call('RPUSH', order, message_id)
+  if redis.call('LLEN', order) > remember then
+    redis.call('HDEL', ids, redis.call('LPOP', order))
+  end
+end
+"""
+
+TOUCH_TTL = """
+if ttl > 0 then
+  redis.call('PEXPIRE', record, ttl)
+  redis.call('PEXPIRE', ids, ttl)
+  redis.call('PEXPIRE', order, ttl)
+end
+return {1, n}
+"""
+
+SAVE = _SAVE_HEADER + FENCE_CHECK + APPEND_AND_SAVE + MESSAGE_ID_REMEMBER + TOUCH_TTL
+
+# -- confirm: KEYS record, ids; ARGV message_id. Returns 1 if the ID is still remembered.
+
+CONFIRM = """
+local fence_text = redis.call('HGET', KEYS[1], 'fence')
+if fence_text then redis.call('HSET', KEYS[1], 'fence', fence_text) end
+return redis.call('HEXISTS', KEYS[2], ARGV[1])
+"""
