@@ -42,6 +42,13 @@ async def control(message: Message, conversation: Conversation) -> HandlerResult
         time.sleep(float(text.rsplit(":", 1)[1]))  # noqa: ASYNC251  (the point: freeze the event loop)
     elif text == "ctl:bad":
         return [object()]  # type: ignore[list-item]
+    elif text == "ctl:window":
+        # What the handler sees of a long conversation: its window, the total, its turn.
+        older = await conversation.older_events(3)
+        return [
+            f"{len(conversation.events)}/{conversation.event_count}/{conversation.turn}/"
+            + ",".join(str(e.get("text")) for e in older)
+        ]
     elif text == "ctl:nan":
         conversation.state["x"] = float("nan")
     conversation.state["turns"] = conversation.turn

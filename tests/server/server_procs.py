@@ -158,3 +158,16 @@ def start_server(
             server.kill()
             raise
     return server
+
+
+async def all_events(http: Any, url: str) -> list[dict[str, Any]]:
+    """Every stored event of a conversation, read page by page from its tracker URL (``?after=``)."""
+    events: list[dict[str, Any]] = []
+    after: int | None = 0
+    while after is not None:
+        response = await http.get(url, params={"after": after, "limit": 1000})
+        assert response.status_code == 200, response.text
+        page = response.json()
+        events += page["events"]
+        after = page["next_after"]
+    return events

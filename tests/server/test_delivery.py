@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_procs import ServerProcess, start_server, write_endpoints
+from server_procs import ServerProcess, all_events, start_server, write_endpoints
 
 from redis_procs import RedisProcess
 
@@ -42,9 +42,8 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerPro
 
 
 async def user_events(http: httpx.AsyncClient, base: str, sender: str) -> list[dict[str, Any]]:
-    response = await http.get(f"{base}/conversations/{sender}/tracker")
-    assert response.status_code == 200, response.text
-    return [event for event in response.json()["events"] if event["event"] == "user"]
+    events = await all_events(http, f"{base}/conversations/{sender}/tracker")
+    return [event for event in events if event["event"] == "user"]
 
 
 async def metric(http: httpx.AsyncClient, base: str, outcome: str) -> float:

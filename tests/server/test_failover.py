@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_procs import ServerProcess, start_server, write_endpoints
+from server_procs import ServerProcess, all_events, start_server, write_endpoints
 
 import redis_procs
 from redis_procs import RedisProcess, SentinelSetup
@@ -155,9 +155,8 @@ async def check_stored(servers: list[ServerProcess], tally: Tally) -> dict[str, 
     lost = duplicated = 0
     async with httpx.AsyncClient(timeout=30) as http:
         for sender, told in tally.told.items():
-            response = await http.get(f"{servers[0].url}/conversations/{sender}/tracker")
-            assert response.status_code == 200, response.text
-            users = [event for event in response.json()["events"] if event["event"] == "user"]
+            events = await all_events(http, f"{servers[0].url}/conversations/{sender}/tracker")
+            users = [event for event in events if event["event"] == "user"]
             stored = [event["text"] for event in users]
             counts = Counter(stored)
             lost += sum(1 for text, _ in told if text not in counts)

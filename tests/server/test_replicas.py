@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_procs import ServerProcess, start_server, write_endpoints
+from server_procs import ServerProcess, all_events, start_server, write_endpoints
 
 from redis_procs import RedisProcess
 
@@ -56,10 +56,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, redis_server_session: Red
 
 
 async def fetch_tracker(http: httpx.AsyncClient, base: str, sender: str) -> list[dict[str, Any]]:
-    response = await http.get(f"{base}/conversations/{sender}/tracker")
-    assert response.status_code == 200, response.text
-    events: list[dict[str, Any]] = response.json()["events"]
-    return events
+    return await all_events(http, f"{base}/conversations/{sender}/tracker")
 
 
 def check_conversation(events: list[dict[str, Any]], expected: list[str]) -> list[str]:

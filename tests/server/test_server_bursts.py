@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_procs import start_server, write_endpoints
+from server_procs import all_events, start_server, write_endpoints
 
 from redis_procs import RedisProcess
 
@@ -58,8 +58,8 @@ async def test_a_flooding_sender_gets_429_past_the_bound_and_other_senders_are_s
                     assert match is not None
                     assert match.group(2) == f"m{i}"
                     acked[match.group(2)] = int(match.group(1))
-            tracker = (await http.get("/conversations/hot/tracker")).json()
-            users = [e for e in tracker["events"] if e["event"] == "user"]
+            events = await all_events(http, f"{server.url}/conversations/hot/tracker")
+            users = [e for e in events if e["event"] == "user"]
             assert [e["turn"] for e in users] == list(range(1, len(users) + 1))
             assert {e["text"]: e["turn"] for e in users} == acked
             assert len(users) == len(acked)

@@ -94,6 +94,7 @@ def test_unknown_conversation_has_an_empty_tracker(client: httpx.Client) -> None
     sender = cid()
     assert tracker(client, sender) == {
         "conversation_id": sender, "events": [], "state": {}, "ticket": 0, "fence": 0,
+        "event_count": 0, "after": 0, "next_after": None,
     }
 
 

@@ -87,15 +87,52 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
+#: Events per page of ``GET /conversations/{id}/tracker``: the default and the most.
+TRACKER_PAGE = 100
+TRACKER_PAGE_MAX = 1000
+
+
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(
+            422, "invalid_request", f"?{name}= must be a whole number from {low} to {high}, got {raw!r}"
+        )
+    return value
+
+
 async def tracker(request: Request) -> Response:
-    """The conversation's stored events and state, with its last applied ticket and fence."""
+    """One page of the conversation's stored events, its state, last applied ticket and fence.
+
+    ``?after=N`` (default 0) starts after event number N (events count from
+    1), ``?limit=`` (default 100, at most 1000) bounds the page; the reply's
+    ``next_after`` is the ``after`` of the next page, or null on the last.
+    Each page is read on its own, so a long history never makes one huge reply.
+    """
     ctx = _ctx(request)
     cid = _conversation_id(request)
+    after = _query_int(request, "after", 0, 0, 2**62)
+    limit = _query_int(request, "limit", TRACKER_PAGE, 1, TRACKER_PAGE_MAX)
     try:
         record = await ctx.tracker_store.load(cid)
+        events = await ctx.tracker_store.events(cid, after=after, limit=limit)
     except TrackerStoreUnavailable as exc:
         raise ApiError(503, "store_unavailable", str(exc)) from None
-    return JSONResponse(record.as_dict())
+    body = record.as_dict()
+    count = body["event_count"]
+    retained_from = count - (getattr(ctx.tracker_store, "retain_events", count) or count) + 1
+    first = max(after + 1, retained_from, 1)
+    last = first + len(events) - 1
+    body["events"] = events
+    body["after"] = after
+    body["next_after"] = last if events and last < count else None
+    return JSONResponse(body)
 
 
 async def list_locks(request: Request) -> Response:

@@ -262,6 +262,10 @@ async def process_message(
             ctx.idle.set()
 
 
+#: The window a custom store that returns every event is cut to.
+MAX_EVENT_HISTORY_FALLBACK = 100
+
+
 def _unqueue(ctx: ServerContext, cid: str) -> bool:
     """Count one message of ``cid`` as no longer waiting; returns False (it is not queued now)."""
     left = ctx.waiting[cid] - 1
@@ -304,8 +308,25 @@ async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict
     if record.replay is not None:
         return Processed(record.replay.encode("utf-8"), replayed=True)
 
-    turn = 1 + sum(1 for event in record.events if event.get("event") == "user")
-    conversation = Conversation(cid, tuple(record.events), record.state, turn, ticket)
+    # The turn and the event count are stored: nothing here depends on how
+    # long the conversation is (a store without them gets counted, once).
+    turn = record.turns() + 1
+    window = record.events
+    if record.event_count is None:  # a custom store that returns every event
+        window = window[-MAX_EVENT_HISTORY_FALLBACK:]
+
+    async def pager(after: int, limit: int) -> list[dict[str, Any]]:
+        return await ctx.tracker_store.events(cid, after=after, limit=limit)
+
+    conversation = Conversation(
+        cid,
+        tuple(window),
+        record.state,
+        turn,
+        ticket,
+        len(record.events) if record.event_count is None else record.event_count,
+        pager,
+    )
     timeout = asyncio.timeout(ctx.handler_timeout)
     try:
         async with timeout:

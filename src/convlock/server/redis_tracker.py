@@ -56,7 +56,9 @@ from ..ids import check_conversation_id
 from ..redis.keys import encode_id
 from . import redis_tracker_scripts as lua
 from .tracker import (
+    DEFAULT_MAX_EVENT_HISTORY,
     DEFAULT_REMEMBER_MESSAGE_IDS,
+    DEFAULT_RETAIN_EVENTS,
     StaleTicketError,
     TrackerNotReplicated,
     TrackerRecord,
@@ -65,10 +67,15 @@ from .tracker import (
     check_message_id,
     check_remember,
     check_ticket,
+    check_window,
     dumps,
 )
 
-__all__ = ["RedisTrackerStore"]
+__all__ = ["PAGE_LIMIT", "RedisTrackerStore"]
+
+#: The most events one page (and one load's window) may hold: a script names
+#: each event's field, and Lua's stack limits how many it can pass at once.
+PAGE_LIMIT = 1000
 
 
 class RedisTrackerStore(TrackerStore):
@@ -94,8 +101,13 @@ class RedisTrackerStore(TrackerStore):
         remember_message_ids: int = DEFAULT_REMEMBER_MESSAGE_IDS,
         min_replicas_acked: int = 0,
         replica_ack_timeout: float = 1.0,
+        max_event_history: int = DEFAULT_MAX_EVENT_HISTORY,
+        retain_events: int = DEFAULT_RETAIN_EVENTS,
     ) -> None:
         self._client = client
+        #: How many recent events a load returns; how many each conversation keeps.
+        self.max_event_history = check_window(max_event_history, retain_events)
+        self.retain_events = retain_events
         self._prefix = f"{key_prefix}:tracker:"
         #: Seconds after which an idle conversation is dropped, or None.
         self.expire_after = expire_after
@@ -113,6 +125,8 @@ class RedisTrackerStore(TrackerStore):
         self._load_script = client.register_script(lua.LOAD)
         self._save_script = client.register_script(lua.SAVE)
         self._confirm_script = client.register_script(lua.CONFIRM)
+        self._peek_script = client.register_script(lua.PEEK)
+        self._events_script = client.register_script(lua.EVENTS)
         self._saves = 0
         self._stale = 0
         self._replays = 0
@@ -127,6 +141,8 @@ class RedisTrackerStore(TrackerStore):
         remember_message_ids: int = DEFAULT_REMEMBER_MESSAGE_IDS,
         min_replicas_acked: int | None = None,
         replica_ack_timeout: float = 1.0,
+        max_event_history: int = DEFAULT_MAX_EVENT_HISTORY,
+        retain_events: int = DEFAULT_RETAIN_EVENTS,
     ) -> RedisTrackerStore:
         """Build the store from the ``tracker_store:`` block's connection keys.
 
@@ -147,6 +163,8 @@ class RedisTrackerStore(TrackerStore):
             remember_message_ids=remember_message_ids,
             min_replicas_acked=min_replicas_acked,
             replica_ack_timeout=replica_ack_timeout,
+            max_event_history=max_event_history,
+            retain_events=retain_events,
         )
 
     def key(self, conversation_id: str) -> str:
@@ -207,13 +225,10 @@ class RedisTrackerStore(TrackerStore):
         keys = self.keys(conversation_id)
         try:
             if ticket is None:
-                raw: list[Any] = await self._client.hgetall(keys[0])
-                flat: list[Any] = []
-                for name, value in dict(raw).items():
-                    flat += [name, value]
+                reply = await self._peek_script(keys=keys[:1], args=[self.max_event_history])
             else:
                 check_ticket(ticket)
-                args = [ticket, self._ttl_ms, message_id or ""]
+                args = [ticket, self._ttl_ms, message_id or "", self.max_event_history]
                 reply = await self._load_script(keys=keys, args=args)
                 if int(reply[0]) == 0:
                     self._stale += 1
@@ -221,10 +236,17 @@ class RedisTrackerStore(TrackerStore):
                 if int(reply[0]) == 2:
                     assert message_id is not None
                     return await self._replay(conversation_id, keys, message_id, ticket, reply[1])
-                flat = list(reply[1:])
+            record = self._record(conversation_id, reply)
+            if record.turn is None and record.event_count:
+                # Saved before turns were stored: count once (the next save
+                # keeps counting from the stored 'u' only for new conversations).
+                record.turn, after = 0, 0
+                while page := await self.events(conversation_id, after=after, limit=PAGE_LIMIT):
+                    record.turn += sum(1 for event in page if event.get("event") == "user")
+                    after += len(page)
         except RedisError as exc:
             raise self._unavailable(exc) from exc
-        return self._record(conversation_id, flat)
+        return record
 
     async def _replay(
         self, conversation_id: str, keys: list[str], message_id: str, ticket: int, stored: Any
@@ -244,21 +266,32 @@ class RedisTrackerStore(TrackerStore):
         return TrackerRecord(conversation_id, ticket=ticket, fence=ticket, replay=reply)
 
     @staticmethod
-    def _record(conversation_id: str, flat: Sequence[Any]) -> TrackerRecord:
-        fields = {
-            (name.decode() if isinstance(name, bytes) else str(name)): value
-            for name, value in zip(flat[0::2], flat[1::2], strict=True)
-        }
-        count = int(fields.get("n", 0))
-        events = [json.loads(fields[f"e:{i}"]) for i in range(1, count + 1)]
-        state = json.loads(fields["state"]) if "state" in fields else {}
+    def _record(conversation_id: str, reply: Sequence[Any]) -> TrackerRecord:
+        """A record from a load's reply ``{1, fence, ticket, state, n, u, events...}``."""
+        _, fence, ticket, state, count, turn, *events = reply
         return TrackerRecord(
             conversation_id,
-            events=events,
-            state=state,
-            ticket=int(fields.get("ticket", 0)),
-            fence=int(fields.get("fence", 0)),
+            events=[json.loads(event) for event in events if event],
+            state=json.loads(state) if state else {},
+            ticket=int(ticket),
+            fence=int(fence),
+            event_count=int(count),
+            turn=int(turn) if turn else (0 if not int(count) else None),
         )
+
+    async def events(self, conversation_id: str, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """One page of events, read in one script whatever the conversation's length."""
+        check_conversation_id(conversation_id)
+        if limit <= 0:
+            return []
+        limit = min(limit, PAGE_LIMIT)
+        try:
+            reply = await self._events_script(
+                keys=[self.key(conversation_id)], args=[max(0, after), limit, self.retain_events]
+            )
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return [json.loads(event) for event in reply[1:]]
 
     async def save(
         self,
@@ -276,6 +309,7 @@ class RedisTrackerStore(TrackerStore):
             check_message_id(message_id)
         args: list[Any] = [ticket, self._ttl_ms, dumps(dict(state))]
         args += [message_id or "", "[]" if reply is None else reply, self.remember_message_ids]
+        args += [sum(1 for event in new_events if event.get("event") == "user"), self.retain_events]
         args += [dumps(dict(event)) for event in new_events]
         keys = self.keys(conversation_id)
         try:

@@ -12,7 +12,7 @@ piece                  job
 =====================  ==================================================
 ``FENCE_RAISE``        refuse a stale ticket, else raise the fence (load)
 ``MESSAGE_ID_LOOKUP``  return the stored reply of a remembered message ID
-``READ_RECORD``        refresh TTLs and return the whole hash (load)
+``READ_RECORD``        refresh TTLs; return the head and the last ``window`` events (load)
 ``FENCE_CHECK``        refuse a stale ticket (save)
 ``APPEND_AND_SAVE``    append events, replace state, record the ticket
 ``MESSAGE_ID_REMEMBER``  remember ID -> reply; forget the oldest past the bound
@@ -27,15 +27,19 @@ replay): it then ends the script.
 Keys (all share the conversation's hash tag ``{E}``, hence one Cluster slot):
 
 * ``record``: ``P:tracker:{E}``, hash of ``fence``, ``ticket``, ``state``,
-  ``n`` and ``e:<i>`` per event;
+  ``n`` (events ever appended), ``u`` (user turns stored) and ``e:<i>`` per
+  event, of which only the last ``retain`` are kept (each append past the
+  bound deletes the one ``retain`` places back: O(1) per event);
 * ``ids``: ``P:tracker:{E}:ids``, hash of message ID -> reply (JSON text);
 * ``order``: ``P:tracker:{E}:ido``, list of the remembered IDs, oldest
   first, so that forgetting the oldest is one ``LPOP``: remembering costs
   O(1) whatever the bound, and the two ``ids`` keys never hold more than
   ``remember`` entries.
 
-Replies: ``{0, fence}`` a stale ticket; ``{1, fields...}`` a load's hash;
-``{2, reply}`` a remembered message ID; ``{1, n}`` a save's event count.
+Replies: ``{0, fence}`` a stale ticket; ``{1, fence, ticket, state, n, u,
+events...}`` a load (the last ``window`` events, oldest first; a load reads
+O(window) whatever the conversation's length); ``{2, reply}`` a remembered
+message ID; ``{1, n}`` a save's event count.
 
 ``CONFIRM`` serves the replay path when saves must reach replicas: it
 rewrites the fence to itself, a no-op that still propagates, so a ``WAIT``
@@ -49,6 +53,8 @@ from __future__ import annotations
 __all__ = [
     "APPEND_AND_SAVE",
     "CONFIRM",
+    "EVENTS",
+    "PEEK",
     "FENCE_CHECK",
     "FENCE_RAISE",
     "LOAD",
@@ -59,11 +65,12 @@ __all__ = [
     "TOUCH_TTL",
 ]
 
-# -- load: KEYS record, ids, order; ARGV ticket, ttl_ms, message_id ('' for none)
+# -- load: KEYS record, ids, order; ARGV ticket, ttl_ms, message_id ('' for none), window
 
 _LOAD_HEADER = """
 local record, ids, order = KEYS[1], KEYS[2], KEYS[3]
 local ticket_text, ttl, message_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local window = tonumber(ARGV[4])
 local ticket = tonumber(ticket_text)
 """
 
@@ -89,28 +96,68 @@ if message_id ~= '' then
 end
 """
 
-#: The whole record; TTLs restart, since the conversation is in use.
+#: The head and the last `window` events; TTLs restart, since the conversation is in use.
+#: Events dropped by retention come back as nil (false) and are skipped by the reader.
 READ_RECORD = """
 if ttl > 0 then
   redis.call('PEXPIRE', record, ttl)
   redis.call('PEXPIRE', ids, ttl)
   redis.call('PEXPIRE', order, ttl)
 end
-local fields = redis.call('HGETALL', record)
-table.insert(fields, 1, 1)
-return fields
+local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u')
+local n = tonumber(head[4] or '0')
+local out = {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or ''}
+if n > 0 and window > 0 then
+  local names = {}
+  for i = math.max(1, n - window + 1), n do
+    names[#names + 1] = 'e:' .. i
+  end
+  for _, event in ipairs(redis.call('HMGET', record, unpack(names))) do
+    out[#out + 1] = event or ''
+  end
+end
+return out
 """
 
 LOAD = _LOAD_HEADER + FENCE_RAISE + MESSAGE_ID_LOOKUP + READ_RECORD
 
+# -- peek: a plain read (no fence, no TTL refresh). KEYS record; ARGV window
+
+PEEK = """
+local record, ttl, window = KEYS[1], 0, tonumber(ARGV[1])
+""" + READ_RECORD.replace("  redis.call('PEXPIRE', ids, ttl)\n  redis.call('PEXPIRE', order, ttl)\n", "")
+
+# -- events: one page. KEYS record; ARGV after, limit, retain. Returns {n, events...}
+
+EVENTS = """
+local record = KEYS[1]
+local after, limit, retain = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = tonumber(redis.call('HGET', record, 'n') or '0')
+local from = math.max(after + 1, n - retain + 1, 1)
+local to = math.min(n, from + limit - 1)
+local out = {n}
+if to >= from then
+  local names = {}
+  for i = from, to do
+    names[#names + 1] = 'e:' .. i
+  end
+  for _, event in ipairs(redis.call('HMGET', record, unpack(names))) do
+    if event then out[#out + 1] = event end
+  end
+end
+return out
+"""
+
 # -- save: KEYS record, ids, order; ARGV ticket, ttl_ms, state, message_id ('' for none),
-#    reply, remember (the bound), then the new events (JSON each)
+#    reply, remember (the bound), users (user events among the new ones), retain,
+#    then the new events (JSON each)
 
 _SAVE_HEADER = """
 local record, ids, order = KEYS[1], KEYS[2], KEYS[3]
 local ticket_text, ttl, state = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local message_id, reply, remember = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local first_event = 7
+local users, retain = tonumber(ARGV[7]), tonumber(ARGV[8])
+local first_event = 9
 local ticket = tonumber(ticket_text)
 """
 
@@ -120,12 +167,22 @@ local fence_text = redis.call('HGET', record, 'fence') or '0'
 if ticket < tonumber(fence_text) then return {0, fence_text} end
 """
 
-#: Events are appended one field each: a save costs what the message added.
+#: Events are appended one field each, and each drops the one `retain` places
+#: back: a save costs what the message added, never the conversation's length.
 APPEND_AND_SAVE = """
 local n = tonumber(redis.call('HGET', record, 'n') or '0')
+-- The turn count, kept from the first save on. (A conversation saved before
+-- it existed has events but no 'u': the reader counts once and we leave it.)
+local u = redis.call('HGET', record, 'u')
+if u or n == 0 then
+  redis.call('HSET', record, 'u', tonumber(u or '0') + users)
+end
 for i = first_event, #ARGV do
   n = n + 1
   redis.call('HSET', record, 'e:' .. n, ARGV[i])
+  if n > retain then
+    redis.call('HDEL', record, 'e:' .. (n - retain))
+  end
 end
 redis.call('HSET', record, 'fence', ticket_text, 'ticket', ticket_text, 'state', state, 'n', n)
 """

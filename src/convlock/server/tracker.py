@@ -30,6 +30,16 @@ Remembered IDs are scoped to one conversation and bounded in number: the
 oldest is forgotten when a new one would exceed the bound (and, in Redis,
 they expire with the conversation).
 
+Bounded cost per message: a load returns the conversation's *window*, its
+last ``max_event_history`` events (default 100), with the total event count
+and the turn number, which are stored rather than recomputed. A message's
+load and save therefore cost the same on its 3rd and its 30,000th turn.
+Older events are read on demand, a page at a time (:meth:`TrackerStore.events`).
+Retention: a store keeps the last ``retain_events`` events of each
+conversation (default 10,000; older ones are dropped as new ones arrive, one
+for one, so retention costs O(1) per event), and with ``expire_after`` (Redis)
+forgets a conversation idle that long.
+
 Custom stores written before message IDs existed keep working: the server
 checks with :func:`supports_message_ids` whether a store's ``load`` and
 ``save`` take the new keyword arguments, and only then passes them.
@@ -39,14 +49,17 @@ from __future__ import annotations
 
 import abc
 import inspect
+import itertools
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_MAX_EVENT_HISTORY",
     "DEFAULT_REMEMBER_MESSAGE_IDS",
+    "DEFAULT_RETAIN_EVENTS",
     "InMemoryTrackerStore",
     "StaleTicketError",
     "TrackerNotReplicated",
@@ -57,6 +70,10 @@ __all__ = [
     "supports_message_ids",
 ]
 
+#: How many of its most recent events a load returns (the handler's window) by default.
+DEFAULT_MAX_EVENT_HISTORY = 100
+#: How many of its most recent events each conversation keeps by default.
+DEFAULT_RETAIN_EVENTS = 10_000
 #: How many message IDs (with their replies) each conversation remembers by default.
 DEFAULT_REMEMBER_MESSAGE_IDS = 1000
 #: Longest message ID, in UTF-8 bytes.
@@ -100,6 +117,12 @@ class TrackerRecord:
 
     A record of a conversation that was never saved has no events, an empty
     state and ``ticket == fence == 0`` (unless a load already raised the fence).
+
+    ``events`` is the conversation's most recent events (the window), oldest
+    first; ``event_count`` is how many events it has had in all, so the first
+    event of the window is number ``event_count - len(events) + 1``, and
+    ``turn`` the number of user messages stored. Stores written before these
+    existed leave them None and return every event; the server then counts.
     """
 
     conversation_id: str
@@ -111,6 +134,8 @@ class TrackerRecord:
     #: or None if the conversation does not remember that ID. When set, a store
     #: may leave ``events`` and ``state`` empty: the message is not processed.
     replay: str | None = None
+    event_count: int | None = None
+    turn: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready form, as ``GET /conversations/{id}/tracker`` returns it."""
@@ -120,7 +145,14 @@ class TrackerRecord:
             "state": self.state,
             "ticket": self.ticket,
             "fence": self.fence,
+            "event_count": len(self.events) if self.event_count is None else self.event_count,
         }
+
+    def turns(self) -> int:
+        """User messages stored: the stored count, or counted from ``events`` for an older store."""
+        if self.turn is not None:
+            return self.turn
+        return sum(1 for event in self.events if event.get("event") == "user")
 
 
 def check_message_id(message_id: str) -> str:
@@ -141,6 +173,19 @@ def check_remember(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"remember_message_ids must be an int of 1 or more, got {value!r}")
     return value
+
+
+def check_window(max_event_history: int, retain_events: int) -> int:
+    """Return ``max_event_history`` if it and ``retain_events`` are valid bounds together."""
+    for name, value in (("max_event_history", max_event_history), ("retain_events", retain_events)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int of 1 or more, got {value!r}")
+    if max_event_history > retain_events:
+        raise ValueError(
+            f"max_event_history ({max_event_history}) cannot exceed retain_events ({retain_events}): "
+            "a load cannot return events the store no longer keeps"
+        )
+    return max_event_history
 
 
 def supports_message_ids(store: TrackerStore) -> bool:
@@ -219,6 +264,20 @@ class TrackerStore(abc.ABC):
         replicas and they did not confirm the save in time.
         """
 
+    async def events(self, conversation_id: str, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Up to ``limit`` events numbered above ``after`` (events count from 1), oldest first.
+
+        Events dropped by retention are skipped. Reads only the page asked
+        for in the built-in stores. This default, for stores written before
+        paging existed, loads the record and slices it: it costs the length
+        of the conversation, so such a store should override it.
+        """
+        record = await self.load(conversation_id)
+        count = len(record.events) if record.event_count is None else record.event_count
+        first = count - len(record.events) + 1
+        start = max(after + 1, first)
+        return record.events[start - first : start - first + max(0, limit)]
+
     async def ping(self) -> None:  # noqa: B027  (optional hook: nothing to check in memory)
         """Check that the backend answers; raise :class:`TrackerStoreUnavailable` if not."""
 
@@ -241,7 +300,11 @@ def dumps(value: Any) -> str:
 
 @dataclass(slots=True)
 class _Stored:
-    events: list[str] = field(default_factory=list)
+    # The last retain_events events as JSON text; `count` counts every event ever
+    # appended, so events[0] is number count - len(events) + 1.
+    events: deque[str] = field(default_factory=deque)
+    count: int = 0
+    turn: int = 0
     state: str = "{}"
     ticket: int = 0
     fence: int = 0
@@ -258,8 +321,18 @@ class InMemoryTrackerStore(TrackerStore):
     its last ``remember_message_ids`` message IDs with their replies.
     """
 
-    def __init__(self, *, remember_message_ids: int = DEFAULT_REMEMBER_MESSAGE_IDS) -> None:
+    def __init__(
+        self,
+        *,
+        remember_message_ids: int = DEFAULT_REMEMBER_MESSAGE_IDS,
+        max_event_history: int = DEFAULT_MAX_EVENT_HISTORY,
+        retain_events: int = DEFAULT_RETAIN_EVENTS,
+    ) -> None:
         self._records: dict[str, _Stored] = {}
+        #: How many recent events a load returns.
+        self.max_event_history = check_window(max_event_history, retain_events)
+        #: How many recent events each conversation keeps.
+        self.retain_events = retain_events
         #: How many message IDs each conversation remembers.
         self.remember_message_ids = check_remember(remember_message_ids)
         self._saves = 0
@@ -291,14 +364,26 @@ class InMemoryTrackerStore(TrackerStore):
                         conversation_id, ticket=stored.ticket, fence=stored.fence, replay=reply
                     )
         if stored is None:
-            return TrackerRecord(conversation_id)
+            return TrackerRecord(conversation_id, event_count=0, turn=0)
+        window = min(self.max_event_history, len(stored.events))
+        recent = list(itertools.islice(reversed(stored.events), window))
         return TrackerRecord(
             conversation_id,
-            events=[json.loads(event) for event in stored.events],
+            events=[json.loads(event) for event in reversed(recent)],
             state=json.loads(stored.state),
             ticket=stored.ticket,
             fence=stored.fence,
+            event_count=stored.count,
+            turn=stored.turn,
         )
+
+    async def events(self, conversation_id: str, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        stored = self._records.get(conversation_id)
+        if stored is None or limit <= 0:
+            return []
+        first = stored.count - len(stored.events) + 1
+        start = max(after + 1, first) - first
+        return [json.loads(event) for event in itertools.islice(stored.events, start, start + limit)]
 
     async def save(
         self,
@@ -320,6 +405,10 @@ class InMemoryTrackerStore(TrackerStore):
         if ticket < stored.fence:
             raise self._refuse(conversation_id, ticket, stored.fence)
         stored.events.extend(encoded_events)
+        stored.count += len(encoded_events)
+        stored.turn += sum(1 for event in new_events if event.get("event") == "user")
+        while len(stored.events) > self.retain_events:
+            stored.events.popleft()
         stored.state = encoded_state
         stored.ticket = stored.fence = ticket
         if message_id is not None and message_id not in stored.replies:

@@ -17,7 +17,13 @@ from pydantic import Field, model_validator
 
 from ..config import OptionalSeconds, StoreSettings
 from ..factory import build_store
-from .tracker import DEFAULT_REMEMBER_MESSAGE_IDS, InMemoryTrackerStore, TrackerStore
+from .tracker import (
+    DEFAULT_MAX_EVENT_HISTORY,
+    DEFAULT_REMEMBER_MESSAGE_IDS,
+    DEFAULT_RETAIN_EVENTS,
+    InMemoryTrackerStore,
+    TrackerStore,
+)
 
 __all__ = ["TrackerStoreSettings", "create_tracker_store"]
 
@@ -29,7 +35,10 @@ class TrackerStoreSettings(StoreSettings):
     (seconds, Redis only): forget a conversation idle that long; unset keeps
     conversations for ever. ``remember_message_ids``: how many message IDs
     (with their replies) each conversation remembers for exactly-once
-    delivery. ``min_replicas_acked`` (Redis only): replicas that must confirm
+    delivery. ``max_event_history``: how many of its most recent events a
+    handler sees (default 100, at most 1000); older ones are read on demand.
+    ``retain_events``: how many of its most recent events a conversation
+    keeps (default 10,000). ``min_replicas_acked`` (Redis only): replicas that must confirm
     a save, with ``WAIT``, within ``replica_ack_timeout`` seconds before it
     is acknowledged; unset means 1 in Sentinel mode and 0 otherwise.
     ``replica_ack_timeout`` defaults to 1 s, or half of ``socket_timeout`` if
@@ -37,9 +46,20 @@ class TrackerStoreSettings(StoreSettings):
     """
 
     expire_after: OptionalSeconds = None
+    max_event_history: int = Field(default=DEFAULT_MAX_EVENT_HISTORY, ge=1, le=1000)
+    retain_events: int = Field(default=DEFAULT_RETAIN_EVENTS, ge=1, le=100_000_000)
     remember_message_ids: int = Field(default=DEFAULT_REMEMBER_MESSAGE_IDS, ge=1, le=1_000_000)
     min_replicas_acked: int | None = Field(default=None, ge=0, le=100)
     replica_ack_timeout: OptionalSeconds = None
+
+    @model_validator(mode="after")
+    def _window_within_retention(self) -> TrackerStoreSettings:
+        if self.max_event_history > self.retain_events:
+            raise ValueError(
+                f"max_event_history ({self.max_event_history}) cannot exceed retain_events "
+                f"({self.retain_events}): a load cannot return events the store no longer keeps"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ack_within_socket_timeout(self) -> TrackerStoreSettings:
@@ -69,7 +89,11 @@ def create_tracker_store(config: Mapping[str, Any] | None) -> TrackerStore:
 
 
 def _in_memory(settings: TrackerStoreSettings) -> TrackerStore:
-    return InMemoryTrackerStore(remember_message_ids=settings.remember_message_ids)
+    return InMemoryTrackerStore(
+        remember_message_ids=settings.remember_message_ids,
+        max_event_history=settings.max_event_history,
+        retain_events=settings.retain_events,
+    )
 
 
 def _redis(settings: TrackerStoreSettings) -> TrackerStore:
@@ -79,6 +103,8 @@ def _redis(settings: TrackerStoreSettings) -> TrackerStore:
         settings,
         expire_after=settings.expire_after,
         remember_message_ids=settings.remember_message_ids,
+        max_event_history=settings.max_event_history,
+        retain_events=settings.retain_events,
         min_replicas_acked=settings.min_replicas_acked,
         replica_ack_timeout=settings.replica_ack_timeout or min(1.0, settings.socket_timeout / 2),
     )

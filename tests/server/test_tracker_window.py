@@ -1,0 +1,152 @@
+"""Cost per message independent of conversation length: the window, stored turns, paging, retention.
+
+Against the in-memory store and a real redis-server alike: a conversation of
+10,000 events loads only its last ``max_event_history`` events and a stored
+turn number, older events come a page at a time, in order, and retention
+drops the oldest events one for one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from server_procs import start_server, write_endpoints
+
+from convlock.config import RedisSettings
+from convlock.redis.connection import create_client
+from convlock.server import Conversation
+from convlock.server.redis_tracker import RedisTrackerStore
+from convlock.server.tracker import InMemoryTrackerStore, TrackerStore
+from redis_procs import RedisProcess
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, redis_server: RedisProcess) -> AsyncIterator[TrackerStore]:
+    """Each test runs on both stores, with a window of 20 and 1,000 events kept."""
+    if request.param == "memory":
+        yield InMemoryTrackerStore(max_event_history=20, retain_events=1000)
+        return
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="win")
+    redis_store = RedisTrackerStore(
+        create_client(settings, retries=0), key_prefix="win", max_event_history=20, retain_events=1000
+    )
+    yield redis_store
+    with redis_server.client() as client:
+        for key in client.scan_iter(match="win:*"):
+            client.delete(key)
+    await redis_store.aclose()
+
+
+def _turn(i: int) -> list[dict[str, Any]]:
+    return [{"event": "user", "text": f"u{i}", "turn": i}, {"event": "bot", "text": f"b{i}", "turn": i}]
+
+
+async def _fill(store: TrackerStore, cid: str, turns: int, *, per_save: int = 100) -> None:
+    """``turns`` user+bot pairs, saved ``per_save`` turns at a time (one ticket per save)."""
+    for start in range(1, turns + 1, per_save):
+        events = [e for i in range(start, min(turns, start + per_save - 1) + 1) for e in _turn(i)]
+        await store.save(cid, ticket=start, new_events=events, state={"last": start})
+
+
+async def test_a_load_returns_the_window_and_stored_counts(store: TrackerStore) -> None:
+    await _fill(store, "long", 500)  # 1,000 events, all retained
+    record = await store.load("long", ticket=10_000)
+    assert record.event_count == 1000
+    assert record.turn == 500
+    assert [e["text"] for e in record.events] == [f"{k}{i}" for i in range(491, 501) for k in "ub"]
+    # What a load carries does not grow with the conversation: the same
+    # window of a conversation 100 times shorter is as big.
+    await _fill(store, "short", 5 + 10)
+    short = await store.load("short", ticket=10_000)
+    assert len(json.dumps(record.events)) <= len(json.dumps(short.events)) * 1.2
+    assert len(short.events) == len(record.events) == 20
+
+
+async def test_pages_return_every_retained_event_in_order(store: TrackerStore) -> None:
+    await _fill(store, "paged", 250)
+    seen: list[str] = []
+    after = 0
+    while page := await store.events("paged", after=after, limit=37):
+        seen += [e["text"] for e in page]
+        after += len(page)
+    assert seen == [f"{k}{i}" for i in range(1, 251) for k in "ub"]
+    assert await store.events("paged", after=500, limit=10) == []
+
+
+async def test_older_events_walk_back_from_the_window(store: TrackerStore) -> None:
+    await _fill(store, "walk", 100)
+    record = await store.load("walk", ticket=10_000)
+
+    async def pager(after: int, limit: int) -> list[dict[str, Any]]:
+        return await store.events("walk", after=after, limit=limit)
+
+    conversation = Conversation("walk", tuple(record.events), record.state, 101, 10_000, record.event_count or 0, pager)
+    collected = list(conversation.events)
+    before = conversation.event_count - len(conversation.events) + 1
+    while older := await conversation.older_events(30, before=before):
+        collected = older + collected
+        before -= len(older)
+    assert [e["text"] for e in collected] == [f"{k}{i}" for i in range(1, 101) for k in "ub"]
+    assert await conversation.older_events(5, before=1) == []
+
+
+async def test_retention_drops_the_oldest_events_one_for_one(redis_server: RedisProcess) -> None:
+    stores: list[TrackerStore] = [InMemoryTrackerStore(max_event_history=10, retain_events=50)]
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="ret")
+    stores.append(RedisTrackerStore(create_client(settings, retries=0), key_prefix="ret", max_event_history=10, retain_events=50))
+    try:
+        for store in stores:
+            await _fill(store, "kept", 60, per_save=7)  # 120 events, 50 kept
+            record = await store.load("kept")
+            assert record.event_count == 120
+            assert record.turn == 60
+            everything = await store.events("kept", after=0, limit=1000)
+            assert [e["text"] for e in everything] == [f"{k}{i}" for i in range(36, 61) for k in "ub"]
+        with redis_server.client() as client:
+            fields = client.hkeys("ret:tracker:{kept}")
+        assert len([f for f in fields if f.startswith("e:")]) == 50
+    finally:
+        await stores[1].aclose()
+        with redis_server.client() as client:
+            for key in client.scan_iter(match="ret:*"):
+                client.delete(key)
+
+
+def test_the_window_may_not_exceed_what_is_kept() -> None:
+    with pytest.raises(ValueError, match="cannot exceed retain_events"):
+        InMemoryTrackerStore(max_event_history=100, retain_events=10)
+
+
+async def test_a_handler_sees_the_window_of_a_10000_event_conversation(
+    redis_server: RedisProcess, tmp_path: Any
+) -> None:
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="w10k")
+    filler = RedisTrackerStore(create_client(settings, retries=0), key_prefix="w10k")
+    await _fill(filler, "big", 5000, per_save=500)  # 10,000 events
+    await filler.aclose()
+    connection = {"url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "w10k"}
+    endpoints = write_endpoints(
+        tmp_path / "endpoints.yml",
+        {"lock_store": {"type": "redis", **connection}, "tracker_store": {"type": "redis", **connection}},
+    )
+    server = start_server(tmp_path, endpoints=endpoints, handler="convlock_test_handlers:control")
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            reply = await http.post("/webhooks/rest/webhook", json={"sender": "big", "message": "ctl:window"})
+            assert reply.status_code == 200, reply.text
+            # The default window of 100 events, the stored count and turn, and
+            # older events read on demand (the three before the window).
+            assert reply.json()[0]["text"] == "100/10000/5001/b4949,u4950,b4950"
+            page = (await http.get("/conversations/big/tracker", params={"after": 9990, "limit": 5})).json()
+            assert [e["text"] for e in page["events"]] == ["u4996", "b4996", "u4997", "b4997", "u4998"]
+            assert page["event_count"] == 10002
+            assert page["next_after"] == 9995
+    finally:
+        server.stop()
+        with redis_server.client() as client:
+            for key in client.scan_iter(match="w10k:*"):
+                client.delete(key)
