@@ -139,6 +139,18 @@ def _parser() -> argparse.ArgumentParser:
         help="process a message even if its client disconnected before the lock was granted "
         "(for fire-and-forget clients that close the socket right after sending)",
     )
+    run.add_argument(
+        "--http",
+        default="auto",
+        choices=["auto", "httptools", "h11"],
+        help="HTTP parser (default auto: httptools when installed, else h11)",
+    )
+    run.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop (default auto: uvloop when installed, else asyncio)",
+    )
     run.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     run.add_argument(
         "--log-format",
@@ -219,12 +231,11 @@ def _run(args: argparse.Namespace) -> int:
         "server_header": False,
         "ssl_certfile": args.ssl_certfile,
         "ssl_keyfile": args.ssl_keyfile,
-        # Fixed, not "auto": otherwise installing httptools or uvloop (Rasa's
-        # sanic brings both) would change how bad requests are answered
-        # (httptools answers unknown methods with a plain-text 400 before the
-        # app sees them) and what the benchmarks measure.
-        "http": "h11",
-        "loop": "asyncio",
+        # The fast stack by default (uvloop and httptools, installed with the
+        # server extra where they exist); --http h11 / --loop asyncio choose
+        # the pure-Python ones, which "auto" also falls back to.
+        "http": args.http,
+        "loop": args.loop,
         # Our root handler formats (and masks) uvicorn's records as well.
         "log_config": None,
     }

@@ -273,14 +273,21 @@ def test_a_real_replacement_character_in_a_path_id_still_works(client: httpx.Cli
 
 
 def test_unknown_methods_do_not_become_metric_labels(server: ServerProcess, client: httpx.Client) -> None:
+    # h11 passes an unknown method to the app (405, counted as OTHER);
+    # httptools, the default parser when installed, refuses it first (400).
+    statuses = set()
     for method in ("FOO", "conv-secret-1", "X" * 100):
         request = (f"{method} /locks/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                    "Connection: close\r\n\r\n").encode()
-        assert raw_request(server, request).startswith(b"HTTP/1.1 405")
+        reply = raw_request(server, request)
+        assert reply.startswith((b"HTTP/1.1 405", b"HTTP/1.1 400")), reply[:60]
+        statuses.add(reply[9:12])
+    assert len(statuses) == 1, "one parser answers every unknown method alike"
     text = client.get("/metrics").text
     assert "FOO" not in text
     assert "conv-secret-1" not in text
-    assert 'method="OTHER",route="/locks/{conversation_id}",status="405"' in text
+    if statuses == {b"405"}:
+        assert 'method="OTHER",route="/locks/{conversation_id}",status="405"' in text
 
 
 # -- handler failures
