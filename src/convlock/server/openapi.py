@@ -81,6 +81,12 @@ _SCHEMAS: dict[str, Any] = {
             "state": {"type": "object", "additionalProperties": True},
             "ticket": {"type": "integer", "description": "Ticket of the last applied save (0: none)"},
             "fence": {"type": "integer", "description": "Highest ticket that loaded or saved"},
+            "event_count": {"type": "integer", "description": "Events stored in all (they count from 1)"},
+            "after": {"type": "integer", "description": "This page holds events numbered above it"},
+            "next_after": {
+                "type": ["integer", "null"],
+                "description": "The 'after' of the next page, or null on the last",
+            },
         },
     },
     "Lease": {
@@ -216,11 +222,30 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/conversations/{conversation_id}/tracker": {
                 "get": {
                     "operationId": "getTracker",
-                    "summary": "The conversation's events, state and tickets",
-                    "parameters": [_CID],
+                    "summary": "One page of the conversation's events, with its state and tickets",
+                    "parameters": [
+                        _CID,
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "required": False,
+                            "description": "Return events numbered above this (events count from 1)",
+                            "schema": {"type": "integer", "minimum": 0, "default": 0},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "description": "Most events in the page",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        },
+                    ],
                     "responses": {
                         "200": _json(_ref("Tracker"), "The stored conversation (empty if never saved)"),
-                        "422": _error("The conversation ID is too long, or not UTF-8 once %-decoded"),
+                        "422": _error(
+                            "The conversation ID is too long or not UTF-8 once %-decoded, or after/limit "
+                            "is out of range"
+                        ),
                         "503": _UNAVAILABLE,
                     },
                 }
