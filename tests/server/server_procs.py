@@ -160,14 +160,20 @@ def start_server(
     return server
 
 
-async def all_events(http: Any, url: str) -> list[dict[str, Any]]:
-    """Every stored event of a conversation, read page by page from its tracker URL (``?after=``)."""
+async def all_events(url: str, **client_options: Any) -> list[dict[str, Any]]:
+    """Every stored event of a conversation, read page by page from its tracker URL (``?after=``).
+
+    It uses a client of its own: after a long burst, a connection pooled by
+    the caller's client may be one the server has just closed as idle
+    (uvicorn's keep-alive timeout), and reusing it races with that close.
+    """
     events: list[dict[str, Any]] = []
     after: int | None = 0
-    while after is not None:
-        response = await http.get(url, params={"after": after, "limit": 1000})
-        assert response.status_code == 200, response.text
-        page = response.json()
-        events += page["events"]
-        after = page["next_after"]
+    async with httpx.AsyncClient(timeout=30, **client_options) as http:
+        while after is not None:
+            response = await http.get(url, params={"after": after, "limit": 1000})
+            assert response.status_code == 200, response.text
+            page = response.json()
+            events += page["events"]
+            after = page["next_after"]
     return events

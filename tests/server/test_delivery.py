@@ -42,7 +42,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerPro
 
 
 async def user_events(http: httpx.AsyncClient, base: str, sender: str) -> list[dict[str, Any]]:
-    events = await all_events(http, f"{base}/conversations/{sender}/tracker")
+    events = await all_events(f"{base or str(http.base_url).rstrip('/')}/conversations/{sender}/tracker")
     return [event for event in events if event["event"] == "user"]
 
 

@@ -153,18 +153,17 @@ async def run_load(
 async def check_stored(servers: list[ServerProcess], tally: Tally) -> dict[str, int]:
     """Assert exactly once, in order, with the turns told; return the loss figures."""
     lost = duplicated = 0
-    async with httpx.AsyncClient(timeout=30) as http:
-        for sender, told in tally.told.items():
-            events = await all_events(http, f"{servers[0].url}/conversations/{sender}/tracker")
-            users = [event for event in events if event["event"] == "user"]
-            stored = [event["text"] for event in users]
-            counts = Counter(stored)
-            lost += sum(1 for text, _ in told if text not in counts)
-            duplicated += sum(n - 1 for n in counts.values() if n > 1)
-            assert stored == [text for text, _ in told], f"{sender}: stored in send order, each once"
-            assert [event["turn"] for event in users] == list(range(1, len(users) + 1))
-            assert [turn for _, turn in told] == list(range(1, len(told) + 1)), "each reply told the stored turn"
-            assert [event["message_id"] for event in users] == [f"{sender}-{i}" for i in range(len(users))]
+    for sender, told in tally.told.items():
+        events = await all_events(f"{servers[0].url}/conversations/{sender}/tracker")
+        users = [event for event in events if event["event"] == "user"]
+        stored = [event["text"] for event in users]
+        counts = Counter(stored)
+        lost += sum(1 for text, _ in told if text not in counts)
+        duplicated += sum(n - 1 for n in counts.values() if n > 1)
+        assert stored == [text for text, _ in told], f"{sender}: stored in send order, each once"
+        assert [event["turn"] for event in users] == list(range(1, len(users) + 1))
+        assert [turn for _, turn in told] == list(range(1, len(told) + 1)), "each reply told the stored turn"
+        assert [event["message_id"] for event in users] == [f"{sender}-{i}" for i in range(len(users))]
     return {"sent": tally.sent, "acked": tally.acked, "lost": lost, "duplicated": duplicated}
 
 

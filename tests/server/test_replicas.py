@@ -56,7 +56,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, redis_server_session: Red
 
 
 async def fetch_tracker(http: httpx.AsyncClient, base: str, sender: str) -> list[dict[str, Any]]:
-    return await all_events(http, f"{base}/conversations/{sender}/tracker")
+    return await all_events(f"{base}/conversations/{sender}/tracker")
 
 
 def check_conversation(events: list[dict[str, Any]], expected: list[str]) -> list[str]:
