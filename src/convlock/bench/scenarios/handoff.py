@@ -87,6 +87,10 @@ def run(ctx: Context) -> None:
         for lib in libs[1:]:
             theirs = latencies[lib][count]
             share = sum(shares[lib][count]) / len(shares[lib][count])
+            if not theirs:
+                ctx.results.skip("handoff", f"{count} processes: latency against {lib}",
+                                 f"no hand-off seen: every release of {lib} went back to the releaser")
+                continue
             for label, fraction in (("p50", 0.5), ("p99", 0.99)):
                 add(Figure("handoff", f"{count} processes: {label}", percentile(ours, fraction) * 1000, "ms",
                            percentile(theirs, fraction) * 1000, lib,
