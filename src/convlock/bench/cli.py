@@ -3,7 +3,8 @@
 Exit status: 0 when every selected scenario produced figures or a stated
 skip (a missed target is reported in the table, not as a failure: these are
 measurements, and the machine may be busy); 1 when a scenario failed or
-produced nothing; 2 for a bad command line or endpoints file.
+produced nothing; 2 for a bad command line or endpoints file; 130 when
+interrupted (Ctrl+C or SIGTERM; every process the run started is stopped).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 import tempfile
 import traceback
@@ -116,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 spawned, ctx.target = spawn_redis(Path(tmp) / "redis")
             results.machine = _machine(ctx.target, spawned is not None)
             results.machine["mode"] = "quick" if args.quick else "full"
+            # SIGTERM stops the run like Ctrl+C does: the finally blocks stop every process it started.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
             for scenario in scenarios:
                 ctx.progress(f"scenario {scenario.title} ...")
                 try:
@@ -129,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
                     ratio = f"  ratio {figure.ratio:.2f}" if figure.ratio is not None else ""
                     mark = {True: "", False: "  (target missed)", None: ""}[figure.met]
                     ctx.progress(f"  {figure.name}: {figure.value:.4g} {figure.unit}{ratio}{mark}")
+        except KeyboardInterrupt:
+            print("convlock bench: interrupted; nothing written", file=sys.stderr)
+            return 130
         finally:
             ctx.close()
             if spawned is not None:

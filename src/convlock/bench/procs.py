@@ -185,4 +185,14 @@ def run_all(workers: list[Worker], commands: list[dict[str, Any]]) -> list[Any]:
     """Send one command to each worker at once, then collect every answer."""
     for worker, command in zip(workers, commands, strict=True):
         worker.send(command)
-    return [worker.receive() for worker in workers]
+    # Read every answer before raising, so that no worker is left one answer behind.
+    answers: list[Any] = []
+    errors: list[str] = []
+    for worker in workers:
+        try:
+            answers.append(worker.receive())
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise RuntimeError(errors[0])
+    return answers

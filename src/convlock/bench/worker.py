@@ -113,7 +113,8 @@ def _handoff_python_redis_lock(command: dict[str, Any]) -> list[list[float]]:
             if remaining <= 1:
                 break
             lock = redis_lock.Lock(client, f"{command['prefix']}:{command['name']}", expire=_LIFETIME)
-            if not lock.acquire(blocking=True, timeout=int(remaining)):
+            # It refuses a timeout longer than the lock's expiry.
+            if not lock.acquire(blocking=True, timeout=min(int(remaining), _LIFETIME)):
                 break
             granted = time.monotonic()
             time.sleep(command["hold"])
