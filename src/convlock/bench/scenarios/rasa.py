@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ def run(ctx: Context) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for index, (name, kind) in enumerate(STORES.items()):
-        block = {**target.endpoints_block(), "type": kind, "key_prefix": f"{ctx.prefix}-rasa{index}"}
+        # Rasa's concurrent_redis store takes alphanumeric prefixes only.
+        block = {**target.endpoints_block(), "type": kind, "key_prefix": f"bench{os.getpid()}rasa{index}"}
         block["host"] = block.pop("url")
         path = folder / f"endpoints-{index}.yml"
         path.write_text(yaml.safe_dump({"lock_store": block}), encoding="utf-8")
@@ -145,6 +147,6 @@ def run(ctx: Context) -> None:
         add(Figure("rasa", f"contended: time for 2 x {messages} messages", elapsed["convlock"], "s",
                    elapsed[name], f"{name} (stopped at its deadline if stuck)"))
     with redis.Redis.from_url(target.url) as client:
-        left = sum(1 for _ in client.scan_iter(match=f"{ctx.prefix}-rasa0:*", count=1000))
+        left = sum(1 for _ in client.scan_iter(match=f"bench{os.getpid()}rasa0:*", count=1000))
     add(Figure("rasa", "convlock keys left in Redis", float(left), "keys",
                target=Target("==", 0, on="value")))
