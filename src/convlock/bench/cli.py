@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..verify.spawn import SpawnError
 
 __all__ = ["add_parser", "run"]
 
@@ -133,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
                     ratio = f"  ratio {figure.ratio:.2f}" if figure.ratio is not None else ""
                     mark = {True: "", False: "  (target missed)", None: ""}[figure.met]
                     ctx.progress(f"  {figure.name}: {figure.value:.4g} {figure.unit}{ratio}{mark}")
+        except SpawnError as exc:
+            print(f"convlock bench: {exc}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("convlock bench: interrupted; nothing written", file=sys.stderr)
             return 130

@@ -129,10 +129,17 @@ async def _sequential(url: str, sender: str, messages: int) -> None:
 
 def run(ctx: Context) -> None:
     """Scenario 7 (see the module docstring)."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        ctx.results.skip("server", "every comparison", f"the server extra is not installed ({exc.name})")
+        return
     target = ctx.redis()
     work = ctx.work / "server"
     work.mkdir(parents=True, exist_ok=True)
-    block = target.endpoints_block()
+    # Its own key prefix: with --endpoints this may be someone's Redis.
+    block = {**target.endpoints_block(), "key_prefix": f"{ctx.prefix}-server"}
     endpoints: dict[str, Any] = {"lock_store": dict(block), "tracker_store": dict(block)}
     replicas: list[Replica] = []
     try:
