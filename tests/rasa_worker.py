@@ -20,7 +20,8 @@ which is one clock for every process of the host. Past ``deadline`` seconds
 the messages still waiting are cancelled and counted as ``unfinished``: Rasa's
 stores can stall for a whole lock lifetime.
 
-Shared by tests/test_rasa_integration.py and bench/rasa_adapter.py.
+Used by tests/test_rasa_integration.py (``convlock bench`` has its own copy in
+convlock.bench.worker, since the package cannot import from tests/).
 """
 
 from __future__ import annotations

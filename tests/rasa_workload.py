@@ -7,7 +7,8 @@ updates were lost, how many messages Rasa would have dropped (``LockError``),
 how many never finished, whether holds overlapped or were served out of
 ticket order.
 
-Shared by tests/test_rasa_integration.py and bench/rasa_adapter.py.
+Used by tests/test_rasa_integration.py (``convlock bench`` has its own copy in
+convlock.bench.worker, since the package cannot import from tests/).
 """
 
 from __future__ import annotations

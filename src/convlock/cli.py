@@ -164,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     verify_cli.add_parser(commands)
     cli_locks.add_parser(commands)
     cli_check.add_parser(commands)
+    from .bench import cli as bench_cli
+
+    bench_cli.add_parser(commands)
     return parser
 
 

@@ -66,7 +66,8 @@ async def test_a_flooding_sender_gets_429_past_the_bound_and_other_senders_are_s
 
             # A new connection: the burst's pooled ones may have been closed
             # by the server's keep-alive timeout meanwhile.
-            metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+            async with httpx.AsyncClient(timeout=30) as fresh:
+                metrics = (await fresh.get(f"{server.url}/metrics")).text
             overloaded = re.search(r'convlock_messages_total\{outcome="overloaded"\} (\d+)', metrics)
             assert overloaded is not None
             assert int(float(overloaded.group(1))) == len(refused)

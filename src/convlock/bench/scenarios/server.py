@@ -1,0 +1,213 @@
+"""Scenario 7: ``convlock run`` end to end, against a bare Starlette echo on the same uvicorn.
+
+Set-ups, all started here with the demo handler and no token (loopback):
+the bare echo (:mod:`convlock.bench.echo`), one replica with in-memory
+stores, one replica with Redis lock and tracker stores, and two such
+replicas sharing the Redis (each message to a random one). One client
+(:mod:`convlock.bench.http`) drives them all.
+
+* Throughput: 16 conversations at once, each sending its messages one after
+  another (a chat user waits for the answer); new conversations every block;
+  set-ups alternate in blocks and medians are compared. Ratios against the
+  echo: target at least 0.5 in memory and 0.35 on Redis.
+* Long-conversation growth: one conversation, messages one at a time;
+  median latency of the last 200 of 3,000 messages over the first 200
+  (``--quick``: the last 20 of 300 over the first 20); target at most 1.3,
+  in memory and on Redis.
+* Redis commands per uncontended message, from MONITOR (leaving out what
+  Lua scripts call): target at most 2 with lock and tracker on one Redis.
+* The lock's share of the server's time, from its ``Server-Timing`` header.
+
+On a 2-core machine the load generator, the replicas and redis-server share
+the cores: a second replica adds parallelism only where a core is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..http import Connection
+from ..measure import median, percentile
+from ..procs import Replica, start_echo, start_replica
+from ..report import Figure, Target
+from . import Context
+from .lock_redis import _Monitor
+
+__all__ = ["run"]
+
+WEBHOOK = "/webhooks/rest/webhook"
+CONCURRENCY = 16
+
+
+@dataclass
+class Setup:
+    """A named set of replicas and what its blocks measured."""
+
+    name: str
+    urls: list[str]
+    rates: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    lock: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+
+
+def _timing(header: str) -> dict[str, float]:
+    parts = {}
+    for item in header.split(","):
+        name, _, duration = item.strip().partition(";dur=")
+        if duration:
+            parts[name] = float(duration) / 1000
+    return parts
+
+
+async def _send(connection: Connection, sender: str, text: str, setup: Setup | None) -> float:
+    body = json.dumps({"sender": sender, "message": text}).encode()
+    start = time.perf_counter()
+    status, headers, payload = await connection.post(WEBHOOK, body)
+    elapsed = time.perf_counter() - start
+    if status != 200:
+        raise RuntimeError(f"{status} {payload.decode(errors='replace')[:300]}")
+    if setup is not None and "server-timing" in headers:
+        parts = _timing(headers["server-timing"])
+        if "total" in parts:
+            setup.lock.append(parts.get("lock", 0.0) + parts.get("release", 0.0))
+            setup.total.append(parts["total"])
+    return elapsed
+
+
+async def _block(setup: Setup, block: int, per_conversation: int, record: bool) -> None:
+    rng = random.Random(block)
+
+    async def client(n: int) -> None:
+        sender = f"{setup.name[:1]}-{block}-{n}-{time.monotonic_ns()}"
+        connections = [Connection(url) for url in setup.urls]
+        try:
+            for i in range(per_conversation):
+                latency = await _send(rng.choice(connections), sender, f"m{i}", setup if record else None)
+                if record:
+                    setup.latencies.append(latency)
+        finally:
+            for connection in connections:
+                await connection.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(CONCURRENCY)))
+    if record:
+        setup.rates.append(CONCURRENCY * per_conversation / (time.perf_counter() - start))
+
+
+async def _throughput(setups: list[Setup], blocks: int, per_conversation: int) -> None:
+    for setup in setups:  # warm-up: connections, scripts, imports
+        await _block(setup, -1, 2, record=False)
+    for block in range(blocks):
+        for setup in setups:
+            await _block(setup, block, per_conversation, record=True)
+
+
+async def _conversation(url: str, messages: int) -> list[float]:
+    connection = Connection(url)
+    sender = f"long-{time.monotonic_ns()}"
+    try:
+        return [await _send(connection, sender, f"m{i}", None) for i in range(messages)]
+    finally:
+        await connection.close()
+
+
+async def _sequential(url: str, sender: str, messages: int) -> None:
+    connection = Connection(url)
+    try:
+        for i in range(messages):
+            await _send(connection, sender, f"m{i}", None)
+    finally:
+        await connection.close()
+
+
+def run(ctx: Context) -> None:
+    """Scenario 7 (see the module docstring)."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        ctx.results.skip("server", "every comparison", f"the server extra is not installed ({exc.name})")
+        return
+    target = ctx.redis()
+    work = ctx.work / "server"
+    work.mkdir(parents=True, exist_ok=True)
+    # Its own key prefix: with --endpoints this may be someone's Redis.
+    block = {**target.endpoints_block(), "key_prefix": f"{ctx.prefix}-server"}
+    endpoints: dict[str, Any] = {"lock_store": dict(block), "tracker_store": dict(block)}
+    replicas: list[Replica] = []
+    try:
+        echo = start_echo(work)
+        replicas.append(echo)
+        memory = start_replica(work)
+        replicas.append(memory)
+        redis_replicas = [start_replica(work, endpoints) for _ in range(3)]
+        replicas.extend(redis_replicas)
+        for replica in replicas:
+            replica.wait_ready()
+        ctx.progress("server: replicas ready")
+        setups = [
+            Setup("echo", [echo.url]),
+            Setup("memory, 1 replica", [memory.url]),
+            Setup("redis, 1 replica", [redis_replicas[0].url]),
+            Setup("redis, 2 replicas", [redis_replicas[1].url, redis_replicas[2].url]),
+        ]
+        blocks, per_conversation = (2, 5) if ctx.quick else (11, 20)
+        asyncio.run(_throughput(setups, blocks, per_conversation))
+        ctx.progress("server: throughput done; long conversations")
+        long_n, edge = (300, 20) if ctx.quick else (3000, 200)
+        growth: dict[str, list[float]] = {}
+        for name, url in (("memory", memory.url), ("redis", redis_replicas[0].url)):
+            growth[name] = asyncio.run(_conversation(url, long_n))
+        ctx.progress("server: commands per message (MONITOR)")
+        sender = f"monitored-{time.monotonic_ns()}"
+        monitored = 10 if ctx.quick else 50
+        asyncio.run(_sequential(redis_replicas[0].url, sender, 1))
+        with _Monitor(target) as monitor:
+            asyncio.run(_sequential(redis_replicas[0].url, sender, monitored))
+            time.sleep(0.05)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+    add = ctx.results.add
+    echo_rate = median(setups[0].rates)
+    targets = {"memory, 1 replica": 0.5, "redis, 1 replica": 0.35}
+    for setup in setups[1:]:
+        rate = median(setup.rates)
+        threshold = targets.get(setup.name)
+        add(Figure("server", f"{setup.name}: messages/s ({CONCURRENCY} conversations at once)", rate,
+                   "msgs/s", echo_rate, "bare Starlette echo",
+                   target=Target(">=", threshold) if threshold else None))
+    for setup in setups:
+        add(Figure("server", f"{setup.name}: latency p50", percentile(setup.latencies, 0.5) * 1000, "ms",
+                   percentile(setups[0].latencies, 0.5) * 1000, "bare Starlette echo"))
+        add(Figure("server", f"{setup.name}: latency p99", percentile(setup.latencies, 0.99) * 1000, "ms",
+                   percentile(setups[0].latencies, 0.99) * 1000, "bare Starlette echo"))
+    for setup in setups[1:]:
+        if setup.total:
+            add(Figure("server", f"{setup.name}: lock acquire+release share of server time",
+                       sum(setup.lock) / sum(setup.total), ""))
+    first = f"1-{edge}"
+    last = f"{long_n - edge + 1}-{long_n}"
+    for name, latencies in growth.items():
+        add(Figure("server", f"{name}: long conversation, median latency of messages {last}",
+                   median(latencies[-edge:]) * 1000, "ms", median(latencies[:edge]) * 1000,
+                   f"messages {first}", target=Target("<=", 1.3)))
+    add(Figure("server", "Redis commands per uncontended message (MONITOR, not lua)",
+               len(monitor.commands) / monitored, "commands", target=Target("<=", 2, on="value"),
+               note=f"lock and tracker on one Redis; {len(monitor.handshakes)} connection handshakes in "
+               f"{monitored} messages not counted"))
+    ctx.results.series["server_monitor_commands"] = sorted(set(monitor.commands))
+    ctx.results.series["server_rates"] = {s.name: s.rates for s in setups}
+    step = max(1, long_n // 150)
+    ctx.results.series["server_growth_ms"] = {
+        name: [[i + 1, median(values[i : i + step]) * 1000] for i in range(0, len(values), step)]
+        for name, values in growth.items()
+    }
