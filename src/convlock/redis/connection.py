@@ -92,7 +92,9 @@ def _common_kwargs(settings: RedisSettings, retries: int) -> dict[str, Any]:
     return kwargs
 
 
-def create_client(settings: RedisSettings, *, retries: int = 1) -> RedisClient:
+def create_client(
+    settings: RedisSettings, *, retries: int = 1, caller_bounds_reads: bool = False
+) -> RedisClient:
     """Build (without connecting) the asyncio client that ``settings`` describe.
 
     * ``standard``: ``url``/``port``, database ``db``.
@@ -106,12 +108,18 @@ def create_client(settings: RedisSettings, *, retries: int = 1) -> RedisClient:
       or left at its default.
 
     ``retries`` is how many times a command is re-sent after a connection
-    error (never after a timeout). Responses are bytes. Raises
+    error (never after a timeout). Responses are bytes. With
+    ``caller_bounds_reads`` the sockets get no read or write timeout (the
+    connect stays bounded): for a caller that bounds every call on its own
+    clock, as the lock store does, which saves redis-py a task per write
+    (it wraps each write in ``asyncio.wait_for`` when a socket timeout is set). Raises
     :class:`~convlock.ConfigError` for settings that cannot work together.
     """
     if retries < 0:
         raise ValueError(f"retries must be 0 or more, got {retries!r}")
     kwargs = _common_kwargs(settings, retries)
+    if caller_bounds_reads:
+        kwargs["socket_timeout"] = None
     mode = settings.deployment_mode
     if mode == "standard":
         return aioredis.Redis(

@@ -419,7 +419,10 @@ class RedisLockStore(LockStore):
                 update["max_connections"] = max_connections
             if update:
                 redis = redis.model_copy(update=update)
-            self._client: RedisClient = create_client(redis, retries=0)
+            # Every call is bounded by CommandPath's timer (and the readers'
+            # own), so the sockets need none: redis-py then writes without
+            # wrapping each write in a task.
+            self._client: RedisClient = create_client(redis, retries=0, caller_bounds_reads=True)
             self._owns_client = True
             self._where = describe(redis)
             self._socket_timeout = redis.socket_timeout
@@ -430,7 +433,7 @@ class RedisLockStore(LockStore):
             limit = max_connections or RedisSettings().max_connections
             self._client = aioredis.Redis.from_url(
                 redis,
-                socket_timeout=self._socket_timeout,
+                socket_timeout=None,  # bounded by CommandPath, as above
                 socket_connect_timeout=self._socket_timeout,
                 retry=Retry(NoBackoff(), 0),
                 max_connections=limit,
