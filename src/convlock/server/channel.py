@@ -320,7 +320,7 @@ async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict
 
     conversation = Conversation(
         cid,
-        tuple(window),
+        window,
         record.state,
         turn,
         ticket,

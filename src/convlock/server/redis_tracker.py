@@ -59,6 +59,7 @@ from .tracker import (
     DEFAULT_MAX_EVENT_HISTORY,
     DEFAULT_REMEMBER_MESSAGE_IDS,
     DEFAULT_RETAIN_EVENTS,
+    JsonEvents,
     StaleTicketError,
     TrackerNotReplicated,
     TrackerRecord,
@@ -271,7 +272,7 @@ class RedisTrackerStore(TrackerStore):
         _, fence, ticket, state, count, turn, *events = reply
         return TrackerRecord(
             conversation_id,
-            events=[json.loads(event) for event in events if event],
+            events=JsonEvents([event for event in events if event]),
             state=json.loads(state) if state else {},
             ticket=int(ticket),
             fence=int(fence),

@@ -52,15 +52,16 @@ import inspect
 import itertools
 import json
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 __all__ = [
     "DEFAULT_MAX_EVENT_HISTORY",
     "DEFAULT_REMEMBER_MESSAGE_IDS",
     "DEFAULT_RETAIN_EVENTS",
     "InMemoryTrackerStore",
+    "JsonEvents",
     "StaleTicketError",
     "TrackerNotReplicated",
     "TrackerRecord",
@@ -111,6 +112,52 @@ class TrackerNotReplicated(TrackerStoreUnavailable):
     """
 
 
+class JsonEvents(Sequence[dict[str, Any]]):
+    """Events kept as the JSON text they are stored as, decoded one by one when read.
+
+    A load hands the handler a window of up to ``max_event_history``
+    events; most handlers read a few of them, or none, so decoding all of
+    them on every message would be the largest cost of a load (profiled:
+    about half of an in-memory message's time with a window of 100). Each
+    read decodes a fresh dict, so a handler can never change stored events
+    through what it reads.
+    """
+
+    __slots__ = ("_texts",)
+
+    def __init__(self, texts: Sequence[str | bytes]) -> None:
+        self._texts = texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> JsonEvents: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | JsonEvents:
+        if isinstance(index, slice):
+            return JsonEvents(self._texts[index])
+        event: dict[str, Any] = json.loads(self._texts[index])
+        return event
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for text in self._texts:
+            yield json.loads(text)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"JsonEvents({len(self)} events)"
+
+
 @dataclass(slots=True)
 class TrackerRecord:
     """One conversation as stored: events, handler state and its tickets.
@@ -126,7 +173,7 @@ class TrackerRecord:
     """
 
     conversation_id: str
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: Sequence[dict[str, Any]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     ticket: int = 0
     fence: int = 0
@@ -141,7 +188,7 @@ class TrackerRecord:
         """A JSON-ready form, as ``GET /conversations/{id}/tracker`` returns it."""
         return {
             "conversation_id": self.conversation_id,
-            "events": self.events,
+            "events": list(self.events),
             "state": self.state,
             "ticket": self.ticket,
             "fence": self.fence,
@@ -276,7 +323,7 @@ class TrackerStore(abc.ABC):
         count = len(record.events) if record.event_count is None else record.event_count
         first = count - len(record.events) + 1
         start = max(after + 1, first)
-        return record.events[start - first : start - first + max(0, limit)]
+        return list(record.events[start - first : start - first + max(0, limit)])
 
     async def ping(self) -> None:  # noqa: B027  (optional hook: nothing to check in memory)
         """Check that the backend answers; raise :class:`TrackerStoreUnavailable` if not."""
@@ -367,9 +414,10 @@ class InMemoryTrackerStore(TrackerStore):
             return TrackerRecord(conversation_id, event_count=0, turn=0)
         window = min(self.max_event_history, len(stored.events))
         recent = list(itertools.islice(reversed(stored.events), window))
+        recent.reverse()
         return TrackerRecord(
             conversation_id,
-            events=[json.loads(event) for event in reversed(recent)],
+            events=JsonEvents(recent),
             state=json.loads(stored.state),
             ticket=stored.ticket,
             fence=stored.fence,
