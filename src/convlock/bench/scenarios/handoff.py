@@ -80,7 +80,9 @@ def run(ctx: Context) -> None:
         ours_share = sum(shares["convlock"][count]) / len(shares["convlock"][count])
         add(Figure("handoff", f"{count} processes: p50", percentile(ours, 0.5) * 1000, "ms"))
         add(Figure("handoff", f"{count} processes: p99", percentile(ours, 0.99) * 1000, "ms",
-                   target=Target("<=", 2, on="value"), note=f"{len(ours)} hand-offs"))
+                   # 1 ms for two processes (the burst issue's bound); more
+                   # processes share two cores here, so 2 ms for them.
+                   target=Target("<=", 1 if count == "2" else 2, on="value"), note=f"{len(ours)} hand-offs"))
         add(Figure("handoff", f"{count} processes: max", max(ours, default=float("nan")) * 1000, "ms"))
         add(Figure("handoff", f"{count} processes: share to a waiting process", ours_share, "",
                    target=Target(">=", 0.99, on="value")))
