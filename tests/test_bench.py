@@ -94,9 +94,10 @@ def test_memory_scenario_alone_writes_its_figure(tmp_path: Path) -> None:
 
 def test_select_takes_numbers_and_names_in_scenario_order() -> None:
     assert [s.number for s in select("handoff,1,3")] == [1, 3, 4]
+    assert [s.number for s in select("burst")] == [10]
     assert len(select(None)) == len(SCENARIOS)
     with pytest.raises(ValueError, match="unknown scenario"):
-        select("10")
+        select("99")
 
 
 def test_figure_ratio_and_targets() -> None:
