@@ -628,10 +628,12 @@ class RedisLockStore(LockStore):
         if self._observer is not None:
             hold._granted_at = now = time.monotonic()
             self._observer.granted(hold.conversation_id, hold._number, now - hold._waited_from, reason)
-        self._dequeue(hold)
+        # A hold first, then out of the queue: the re-arrangement that
+        # _dequeue does then already sees a local hold ahead of the next
+        # waiter, instead of watching its list (a reader, maybe a doorbell)
+        # only to unwatch it at once, on every in-process hand-off.
         self._hold(hold)
-        local = self._local[hold.conversation_id]
-        self._arrange(hold.conversation_id, local)
+        self._dequeue(hold)
         hold._wake()
 
     def _handed(self, conversation_id: str, reply: Sequence[Any], sent: float) -> None:
@@ -769,8 +771,6 @@ class RedisLockStore(LockStore):
             self._unhold(hold)
             if observer is not None:
                 observer.abandoned(hold.conversation_id, hold._number, time.monotonic() - sent, "revoked")
-            raise
-        except LockTimeoutError:
             raise
         finally:
             hold._signal = None
