@@ -78,15 +78,19 @@ class CommandPath:
 
     async def evalsha(self, script: LuaScript, key: str, *args: Any) -> Any:
         """Run ``script`` with one declared key, loading it first if the server forgot it."""
+        return await self.evalsha_keys(script, (key,), args)
+
+    async def evalsha_keys(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run ``script`` with several declared keys (all in one hash slot), as :meth:`evalsha`."""
         async with asyncio.timeout(self.timeout):
             async with self._slots:
                 try:
-                    return await self._one("EVALSHA", script.sha, 1, key, *args)
+                    return await self._one("EVALSHA", script.sha, len(keys), *keys, *args)
                 except NoScriptError:
                     # A restarted or failed-over server forgot our scripts. (As
                     # one word, "SCRIPT LOAD" goes to every node of a cluster.)
                     await self._one("SCRIPT LOAD", script.source)
-                    return await self._one("EVALSHA", script.sha, 1, key, *args)
+                    return await self._one("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def call(self, *args: Any) -> Any:
         """Run one plain command (PING, DOORBELL's EVALSHA, ...)."""

@@ -43,7 +43,7 @@ from ..errors import ConfigError
 from ..redact import mask_url
 from .failover import FailoverAwarePool
 
-__all__ = ["STALE_CHECK_KWARGS", "RedisClient", "create_client", "describe"]
+__all__ = ["STALE_CHECK_KWARGS", "RedisClient", "create_client", "describe", "same_server"]
 
 RedisClient = aioredis.Redis | RedisCluster
 """What :func:`create_client` returns: a standard (or Sentinel-managed) client, or a Cluster client."""
@@ -153,6 +153,33 @@ def create_client(
     raise ConfigError(  # pragma: no cover - the settings model allows only the three modes
         f"deployment_mode: got {mode!r}; use 'standard', 'sentinel' or 'cluster'"
     )
+
+
+#: The settings that choose the server and the identity a client talks to it with.
+_SERVER_FIELDS = (
+    "deployment_mode",
+    "url",
+    "port",
+    "db",
+    "username",
+    "password",
+    "use_ssl",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_ca_certs",
+    "endpoints",
+    "sentinel_service",
+)
+
+
+def same_server(a: RedisSettings, b: RedisSettings) -> bool:
+    """Whether ``a`` and ``b`` reach the same Redis (and database) as the same user.
+
+    Compares what is configured, not where names resolve: two spellings of
+    one host count as different servers, which only costs the caller a
+    shared path it could have taken.
+    """
+    return all(getattr(a, name) == getattr(b, name) for name in _SERVER_FIELDS)
 
 
 def describe(settings: RedisSettings) -> str:

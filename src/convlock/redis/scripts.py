@@ -64,6 +64,8 @@ __all__ = [
     "SWEEP",
     "WITHDRAW",
     "LuaScript",
+    "issue_script",
+    "release_script",
 ]
 
 #: How long a conversation's keys outlive its furthest lease. Only matters
@@ -236,10 +238,13 @@ end
 """.replace("MARGIN", str(KEY_TTL_MARGIN_MS))
 
 
-def _script(name: str, body: str, fast: str = "") -> LuaScript:
+def _script(name: str, body: str, fast: str = "", setup: str = "") -> LuaScript:
     # The fast path runs before the helpers are defined, so the common case
-    # does not pay for building their closures.
-    return LuaScript(name, f"-- convlock: {name}\n{_HEADER}\n{fast.strip()}\n{_PRELUDE}\n{body.strip()}\n")
+    # does not pay for building their closures. `setup` (a companion's code,
+    # see issue_script) runs after the header, before the fast path.
+    return LuaScript(
+        name, f"-- convlock: {name}\n{_HEADER}\n{setup.strip()}\n{fast.strip()}\n{_PRELUDE}\n{body.strip()}\n"
+    )
 
 
 #: Bounds on a lease length, in microseconds, checked in the scripts before
@@ -249,25 +254,26 @@ def _script(name: str, body: str, fast: str = "") -> LuaScript:
 MIN_LEASE_US = 10_000
 MAX_LEASE_US = 30 * 24 * 3600 * 1_000_000
 
-ISSUE = _script(
-    "issue",
-    """
+_ISSUE_BODY = """
 redis.call('HSET', s, 'n', ticket, 'e' .. ticket, ends, 'l' .. ticket, length, 'o' .. ticket, draw)
 redis.call('ZADD', q, ticket, ticket)
 cover(tonumber(ends), not st[3])
 local head, head_ends = serve(ticket, '')
 count()
 if head == ticket then
-  return t
+  return granted(t)
 end
 return {t, head_ends - now}
-""",
-    fast="""
+"""
+
+_ISSUE_FAST = (
+    """
 -- Draw a ticket; take the lock if nobody holds it or waits.
 -- ARGV[1]: lease length (us); ARGV[2]: the caller's draw ID, kept with the
 -- ticket (o, o<T>) so that WITHDRAW can find a ticket whose number the
--- caller never learnt. Returns the ticket (an integer) when granted, else
--- {ticket, holder's lease left (us)}: the shortest replies to parse.
+-- caller never learnt. Returns granted(ticket) when granted (for plain
+-- ISSUE: the ticket, an integer), else {ticket, holder's lease left (us)}:
+-- the shortest replies to parse.
 local length = ARGV[1]
 local span = tonumber(length)
 if not span or span % 1 ~= 0 or span < MIN_LEASE or span > MAX_LEASE then
@@ -287,12 +293,29 @@ if not st[2] and not st[3] then
   -- The fast path: one key, one write, one TTL.
   redis.call('HSET', s, 'n', ticket, 'h', ticket, 'e', ends, 'l', length, 'o', draw, 'x', ends)
   redis.call('PEXPIRE', s, fmt(math.ceil(span / 1000) + MARGIN))
-  return t
+  return granted(t)
 end
-""".replace("MARGIN", str(KEY_TTL_MARGIN_MS))
+"""
+    .replace("MARGIN", str(KEY_TTL_MARGIN_MS))
     .replace("MIN_LEASE", str(MIN_LEASE_US))
-    .replace("MAX_LEASE", str(MAX_LEASE_US)),
+    .replace("MAX_LEASE", str(MAX_LEASE_US))
 )
+
+
+def issue_script(name: str, granted: str) -> LuaScript:
+    """ISSUE with a companion: ``granted`` is Lua code that defines ``granted(t)``.
+
+    ``granted(t)`` runs inside the same atomic script when ticket ``t`` is
+    granted at once, and its value is the script's reply (plain ISSUE's
+    returns ``t``). A ticket that must wait gets ISSUE's own reply,
+    ``{ticket, holder's lease left (us)}``. The companion reads ``KEYS[2..]``
+    and ``ARGV[3..]``; its keys must share the conversation's hash tag, so
+    that a Cluster runs the script on one slot.
+    """
+    return _script(name, _ISSUE_BODY, fast=_ISSUE_FAST, setup=granted)
+
+
+ISSUE = issue_script("issue", "local function granted(t) return t end")
 
 # The reply of a script that may hand the lock on (RELEASE, WITHDRAW,
 # FORCE_RELEASE) when it did not take its fast path: {result, handed, holder,
@@ -314,28 +337,27 @@ local function handoff(result, tag)
 end
 """
 
-RELEASE = _script(
-    "release",
-    _HANDOFF_REPLY
-    + """
+_RELEASE_BODY = _HANDOFF_REPLY + """
 if st[1] == ticket then
   redis.call('HDEL', s, 'h', 'e', 'l', 'o')
-  return handoff(1, tag)
+  return released(handoff(1, tag))
 end
 if redis.call('ZREM', q, ticket) == 1 then
   redis.call('HDEL', s, 'e' .. ticket, 'l' .. ticket, 'o' .. ticket)
   count()
 end
-return handoff(0, tag)
-""",
-    fast="""
+return released(handoff(0, tag))
+"""
+
+_RELEASE_FAST = """
 -- End a hold, or withdraw a waiting ticket (ARGV[2] = '1': also clear its
 -- wake-up list, which a grant may have filled just as its owner gave up),
 -- and serve the next ticket. A ticket already revoked changes nothing.
 -- ARGV[1]: ticket; ARGV[3]: the caller's tag (draw-ID prefix), whose
--- tickets it hands over itself. Returns 1 when the ticket held and nobody
--- waits, else the hand-off reply (see _HANDOFF_REPLY) whose result is 1 if
--- the ticket was the holder, else 0.
+-- tickets it hands over itself. Returns released(x) (plain RELEASE: x),
+-- where x is 1 when the ticket held and nobody waits, else the hand-off
+-- reply (see _HANDOFF_REPLY) whose result is 1 if the ticket was the
+-- holder, else 0.
 local ticket = ARGV[1]
 local tag = ARGV[3] or ''
 if ARGV[2] == '1' then
@@ -351,10 +373,24 @@ if st[1] == ticket and not st[2] then
     redis.call('HSET', s, 'n', st[3])
     redis.call('PEXPIRE', s, fmt(math.floor((n - now) / 1000) + 2))
   end
-  return 1
+  return released(1)
 end
-""",
-)
+"""
+
+
+def release_script(name: str, released: str) -> LuaScript:
+    """RELEASE with a companion: ``released`` is Lua code that defines ``released(x)``.
+
+    The companion's code runs first, inside the same atomic script, so it
+    can do its own work before the ticket is let go; ``released(x)`` turns
+    RELEASE's own reply ``x`` (1, or the hand-off reply) into the script's
+    reply (plain RELEASE's returns ``x``). The companion reads ``KEYS[2..]``
+    and ``ARGV[4..]``, with keys in the conversation's hash slot.
+    """
+    return _script(name, _RELEASE_BODY, fast=_RELEASE_FAST, setup=released)
+
+
+RELEASE = release_script("release", "local function released(x) return x end")
 
 CHECK = _script(
     "check",

@@ -141,6 +141,7 @@ from ..store import HeldLock, LockSnapshot, LockStore, TicketLease, check_second
 from ..tickets import check_lifetime, next_look, renew_interval
 from . import scripts
 from .commands import CommandPath, retries_on_timeout
+from .companion import Companion
 from .connection import STALE_CHECK_KWARGS, RedisClient, create_client, describe
 from .keys import ConversationKeys, KeySpace
 from .wakeups import FALLBACK_POLL, WakeupHub
@@ -168,6 +169,7 @@ class _RedisHold(HeldLock):
     """One ``lock()`` call: its context manager, its ticket, and the ``held`` handle."""
 
     __slots__ = (
+        "_companion",
         "_cut",
         "_deadline",
         "_draw",
@@ -180,6 +182,7 @@ class _RedisHold(HeldLock):
         "_number",
         "_poll",
         "_probe_sent",
+        "_released",
         "_renew",
         "_renew_at",
         "_requeue",
@@ -189,6 +192,7 @@ class _RedisHold(HeldLock):
         "_wait_timeout",
         "_waited_from",
         "_waiting",
+        "companion_reply",
         "conversation_id",
     )
 
@@ -201,9 +205,15 @@ class _RedisHold(HeldLock):
         lifetime: float,
         renew: bool,
         wait_timeout: float | None,
+        companion: Companion | None = None,
     ) -> None:
         self._store = store
         self.conversation_id = conversation_id
+        self._companion = companion
+        #: The companion's reply from the draw, when the ticket was granted at
+        #: once; None when it waited (or the lock has no companion).
+        self.companion_reply: Any = None
+        self._released = False
         self._keys = keys
         self._lifetime = lifetime
         self._lifetime_arg = max(scripts.MIN_LEASE_US, round(lifetime * _US))
@@ -262,8 +272,18 @@ class _RedisHold(HeldLock):
         if self._number or store._closed:
             raise entry_refusal(self.conversation_id, entered=bool(self._number))
         sent = time.monotonic()
+        companion = self._companion
         try:
-            reply = await store._eval(scripts.ISSUE, self._keys, self._lifetime_arg, self._draw)
+            if companion is None:
+                reply = await store._eval(scripts.ISSUE, self._keys, self._lifetime_arg, self._draw)
+            else:
+                reply = await store._eval_keys(
+                    companion.issue,
+                    (self._keys.state, *companion.keys),
+                    (self._lifetime_arg, self._draw, *companion.issue_args),
+                )
+                if type(reply[1]) is list:  # granted at once: {ticket, companion's reply}
+                    reply, self.companion_reply = reply
         except asyncio.CancelledError:
             # The draw may have run with its reply on the way: withdraw
             # whatever ticket it made, or it would block the conversation
@@ -288,17 +308,64 @@ class _RedisHold(HeldLock):
             store._register(self, self._deadline - 2 * renew_interval(self._lifetime))
         return self
 
+    async def release_with(self, args: Sequence[Any]) -> Any:
+        """Release the lock with the companion's release script; return the companion's reply.
+
+        The companion's last step and the release run as one script, one
+        round trip; ``args`` become its ``ARGV[4..]``. The script runs even
+        if the hold is known lost: the companion fences its own writes, and
+        releasing a ticket that no longer holds changes nothing. Leaving the
+        ``async with`` block afterwards releases nothing more.
+
+        If the script cannot be run (``LockStoreUnavailable``, or the caller
+        is cancelled), the ticket is released with plain RELEASE in the
+        background and the error is raised: the companion's step may or may
+        not have run.
+        """
+        companion = self._companion
+        if companion is None or not self._number or self._released:
+            raise RuntimeError("release_with() needs a lock with a companion, held and not yet released")
+        store = self._store
+        self._leave()
+        sent = time.monotonic()
+        try:
+            reply, released = await store._eval_keys(
+                companion.release,
+                (self._keys.state, *companion.keys),
+                (self._number, 0, store._tag, *args),
+            )
+        except BaseException as error:
+            # RELEASE is idempotent, the companion's step may not be: only
+            # the release is tried again, out of the caller's reach.
+            if isinstance(error, LockStoreUnavailable):
+                store._release_failures += 1
+            store._withdraw_later(self._keys, self._number, conversation_id=self.conversation_id)
+            raise
+        finally:
+            self._deadline = -math.inf
+        if type(released) is not int:
+            store._handed(self.conversation_id, released, sent)
+        return reply
+
+    def _leave(self) -> None:
+        """Stop renewing and counting this hold: it is being released."""
+        store = self._store
+        self._released = True
+        store._renewing.discard(self)
+        store._unhold(self)
+        if store._observer is not None and not math.isnan(self._granted_at):
+            store._observer.released(self.conversation_id, self._number, time.monotonic() - self._granted_at)
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._released:
+            return  # release_with() did it
         store = self._store
-        store._renewing.discard(self)
-        store._unhold(self)
-        if store._observer is not None and not math.isnan(self._granted_at):
-            store._observer.released(self.conversation_id, self._number, time.monotonic() - self._granted_at)
+        self._leave()
         if self._revoked:
             # A renewal, ensure() or force_release saw it revoked: nothing
             # to release, but our waiters no longer have a local hold ahead.
@@ -425,6 +492,7 @@ class RedisLockStore(LockStore):
             self._client: RedisClient = create_client(redis, retries=0, caller_bounds_reads=True)
             self._owns_client = True
             self._where = describe(redis)
+            self._settings: RedisSettings | None = redis
             self._socket_timeout = redis.socket_timeout
             limit = redis.max_connections
             prefix = redis.key_prefix if key_prefix is None else key_prefix
@@ -442,6 +510,7 @@ class RedisLockStore(LockStore):
             self._owns_client = True
             self._where = _describe_client(self._client)
             prefix = key_prefix or "convlock"
+            self._settings = None
         elif isinstance(redis, aioredis.Redis | RedisCluster):
             if retries_on_timeout(redis):
                 raise ValueError(
@@ -452,6 +521,7 @@ class RedisLockStore(LockStore):
             self._client = redis
             self._owns_client = False
             self._where = _describe_client(redis)
+            self._settings = None
             self._socket_timeout = timeout or _client_socket_timeout(redis) or RedisSettings().socket_timeout
             limit = max_connections or RedisSettings().max_connections
             prefix = key_prefix or "convlock"
@@ -506,6 +576,11 @@ class RedisLockStore(LockStore):
         return self._client
 
     @property
+    def settings(self) -> RedisSettings | None:
+        """The connection settings this store was built from; None for a URL or a client passed in."""
+        return self._settings
+
+    @property
     def key_prefix(self) -> str:
         """The prefix of every key this store writes."""
         return self._space.prefix
@@ -524,6 +599,7 @@ class RedisLockStore(LockStore):
         lifetime: float | None = None,
         wait_timeout: float | None = None,
         renew: bool = True,
+        companion: Companion | None = None,
     ) -> _RedisHold:
         """Draw a ticket for ``conversation_id``; see :meth:`LockStore.lock` for the promises.
 
@@ -533,6 +609,12 @@ class RedisLockStore(LockStore):
         ``lifetime/3``; a waiting ticket's lease is renewed while it waits
         whatever ``renew`` says. Raises ``LockStoreUnavailable`` (nothing
         held) when Redis cannot be reached within ``socket_timeout``.
+
+        ``companion`` (:mod:`convlock.redis.companion`) runs its first step in
+        the draw's script when the ticket is granted at once (its reply in
+        ``held.companion_reply``) and its last step in the release's script,
+        through ``await held.release_with(args)``: two round trips in all for
+        an uncontended lock and the work done under it.
         """
         check_conversation_id(conversation_id)
         return _RedisHold(
@@ -548,6 +630,7 @@ class RedisLockStore(LockStore):
             wait_timeout=(
                 self.wait_timeout if wait_timeout is None else check_seconds("wait_timeout", wait_timeout)
             ),
+            companion=companion,
         )
 
     # -- this process's holds and waiters
@@ -974,6 +1057,13 @@ class RedisLockStore(LockStore):
         """Run ``script`` on a conversation's keys, bounded by ``socket_timeout``, never re-sent."""
         try:
             return await self._commands.evalsha(script, keys.state, *args)
+        except (RedisError, OSError, TimeoutError) as error:
+            raise self._unavailable_error(error) from error
+
+    async def _eval_keys(self, script: scripts.LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """:meth:`_eval` with several declared keys (a companion's, in the conversation's slot)."""
+        try:
+            return await self._commands.evalsha_keys(script, keys, args)
         except (RedisError, OSError, TimeoutError) as error:
             raise self._unavailable_error(error) from error
 

@@ -1,10 +1,13 @@
 """The REST channel: ``POST /webhooks/rest/webhook``.
 
-Each message is processed inside ``lock_store.lock(sender)``: load the
-conversation (raising the tracker's fence to this ticket), call the handler
-under ``handler_timeout``, save events and state fenced by the same ticket,
-release. Whatever goes wrong, the lock is released by leaving the ``async
-with`` block and nothing is saved unless the handler finished in time.
+Each message is processed in a turn of the conversation's lock
+(:mod:`.message_path`): load the conversation (raising the tracker's fence
+to this ticket), call the handler under ``handler_timeout``, save events and
+state fenced by the same ticket, release. Whatever goes wrong, the lock is
+released by leaving the ``async with`` block and nothing is saved unless the
+handler finished in time. With the lock and the tracker on one Redis, the
+turn takes two round trips (:mod:`.redis_message_path`); the save then
+releases the lock in the same script.
 
 Back-pressure: at most ``--max-waiting-per-conversation`` messages of one
 conversation wait for its lock in one process. Past that, a message gets 429
@@ -62,6 +65,7 @@ from ..redact import exception_summary
 from .context import ServerContext
 from .conversation import Conversation, Message
 from .handlers import normalize_responses
+from .message_path import MessageTurn
 from .responses import ApiError, render_json
 from .tracker import StaleTicketError, TrackerNotReplicated, TrackerStoreUnavailable, dumps
 from .validation import message_id_of, parse_json, read_body, request_deadline, validate_webhook
@@ -194,7 +198,7 @@ async def process_message(
                 raise _deadline_passed("before it could queue for the lock")
             default = ctx.lock_store.wait_timeout
             wait_timeout = left if default is None else min(left, default)
-        async with ctx.lock_store.lock(cid, wait_timeout=wait_timeout) as held:
+        async with ctx.path.turn(cid, wait_timeout=wait_timeout, message_id=message.message_id) as turn:
             queued = _unqueue(ctx, cid)
             acquired = time.perf_counter()
             parts["lock"] = acquired - start
@@ -208,7 +212,7 @@ async def process_message(
                     )
                 if deadline is not None and _left(deadline) is None:
                     raise _deadline_passed("just as the lock was granted")
-                processed = await _locked(ctx, message, held.ticket, parts)
+                processed = await _locked(ctx, message, turn, parts)
             finally:
                 leaving = time.perf_counter()
         released = time.perf_counter()
@@ -290,16 +294,16 @@ def _deadline_passed(when: str) -> ApiError:
     )
 
 
-async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict[str, float]) -> Processed:
+async def _locked(
+    ctx: ServerContext, message: Message, hold: MessageTurn, parts: dict[str, float]
+) -> Processed:
     """The part of a message's processing that runs while holding the lock."""
     metrics = ctx.metrics
     cid = message.sender
+    ticket = hold.ticket
     t0 = time.perf_counter()
     try:
-        if message.message_id is None:
-            record = await ctx.tracker_store.load(cid, ticket=ticket)
-        else:
-            record = await ctx.tracker_store.load(cid, ticket=ticket, message_id=message.message_id)
+        record = await hold.load()
     except StaleTicketError as exc:
         raise ApiError(409, "stale_ticket", str(exc)) from None
     t1 = time.perf_counter()
@@ -385,17 +389,8 @@ async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict
     body = render_json(responses)
     new_events = [user_event, *bot_events]
     try:
-        if message.message_id is None:
-            await ctx.tracker_store.save(cid, ticket=ticket, new_events=new_events, state=conversation.state)
-        else:
-            await ctx.tracker_store.save(
-                cid,
-                ticket=ticket,
-                new_events=new_events,
-                state=conversation.state,
-                message_id=message.message_id,
-                reply=body.decode("ascii"),
-            )
+        reply = None if message.message_id is None else body.decode("ascii")
+        await hold.save(new_events, conversation.state, reply)
     except StaleTicketError as exc:
         raise ApiError(409, "stale_ticket", str(exc)) from None
     t3 = time.perf_counter()

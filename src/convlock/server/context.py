@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..store import LockStore
 from .access import AccessSettings
 from .handlers import Handler
+from .message_path import MessagePath, choose_message_path
 from .metrics import ServerMetrics
 from .tracker import TrackerStore, supports_message_ids
 
@@ -30,6 +31,8 @@ class ServerContext:
     disconnected before the lock was granted (for fire-and-forget clients);
     by default such a message is released unprocessed.
     ``message_ids`` says whether the tracker store remembers message IDs.
+    ``path`` is how a message locks, loads and saves its conversation
+    (:func:`~.message_path.choose_message_path` picks it from the stores).
     """
 
     lock_store: LockStore
@@ -45,9 +48,11 @@ class ServerContext:
     waiting: dict[str, int] = field(default_factory=dict)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     message_ids: bool = field(init=False, default=True)
+    path: MessagePath = field(init=False)
 
     def __post_init__(self) -> None:
         self.idle.set()
         if self.auth_token is not None and self.access.auth_token is None:
             self.access = dataclasses.replace(self.access, auth_token=self.auth_token)
         self.message_ids = supports_message_ids(self.tracker_store)
+        self.path = choose_message_path(self.lock_store, self.tracker_store)

@@ -118,6 +118,7 @@ def build_context(options: ServerOptions) -> ServerContext:
         access=access,
         process_abandoned=options.process_abandoned,
     )
+    logger.info("%s", ctx.path.describe())
     if not ctx.message_ids:
         logger.warning(
             "tracker store %s takes no message_id in load() and save(): messages that carry a "

@@ -106,6 +106,10 @@ class RedisTrackerStore(TrackerStore):
         retain_events: int = DEFAULT_RETAIN_EVENTS,
     ) -> None:
         self._client = client
+        #: The connection settings it was built from (None for a client passed
+        #: in): the server uses them to tell whether its lock store is on the
+        #: same Redis, where both can share scripts (see .redis_message_path).
+        self.settings: RedisSettings | None = None
         #: How many recent events a load returns; how many each conversation keeps.
         self.max_event_history = check_window(max_event_history, retain_events)
         self.retain_events = retain_events
@@ -156,7 +160,7 @@ class RedisTrackerStore(TrackerStore):
             min_replicas_acked = 1 if settings.deployment_mode == "sentinel" else 0
         # retries=0: a save is not idempotent (it appends), so it is never re-sent.
         client = create_client(settings, retries=0)
-        return cls(
+        store = cls(
             client,
             key_prefix=settings.key_prefix,
             expire_after=expire_after,
@@ -167,6 +171,8 @@ class RedisTrackerStore(TrackerStore):
             max_event_history=max_event_history,
             retain_events=retain_events,
         )
+        store.settings = settings
+        return store
 
     def key(self, conversation_id: str) -> str:
         """The Redis key of a conversation's hash."""
@@ -229,24 +235,43 @@ class RedisTrackerStore(TrackerStore):
                 reply = await self._peek_script(keys=keys[:1], args=[self.max_event_history])
             else:
                 check_ticket(ticket)
-                args = [ticket, self._ttl_ms, message_id or "", self.max_event_history]
-                reply = await self._load_script(keys=keys, args=args)
-                if int(reply[0]) == 0:
-                    self._stale += 1
-                    raise StaleTicketError(conversation_id, ticket, int(reply[1]))
-                if int(reply[0]) == 2:
-                    assert message_id is not None
-                    return await self._replay(conversation_id, keys, message_id, ticket, reply[1])
-            record = self._record(conversation_id, reply)
-            if record.turn is None and record.event_count:
-                # Saved before turns were stored: count once (the next save
-                # keeps counting from the stored 'u' only for new conversations).
-                record.turn, after = 0, 0
-                while page := await self.events(conversation_id, after=after, limit=PAGE_LIMIT):
-                    record.turn += sum(1 for event in page if event.get("event") == "user")
-                    after += len(page)
+                reply = await self._load_script(keys=keys, args=[ticket, *self.load_args(message_id)])
+                return await self.loaded(conversation_id, reply, ticket=ticket, message_id=message_id)
+            return await self._counted(self._record(conversation_id, reply))
         except RedisError as exc:
             raise self._unavailable(exc) from exc
+
+    def load_args(self, message_id: str | None) -> list[Any]:
+        """A fenced load's arguments after the ticket: TTL, message ID ('' for none), window."""
+        if message_id is not None:
+            check_message_id(message_id)
+        return [self._ttl_ms, message_id or "", self.max_event_history]
+
+    async def loaded(
+        self, conversation_id: str, reply: Sequence[Any], *, ticket: int, message_id: str | None
+    ) -> TrackerRecord:
+        """The record a fenced load's reply describes (``LOAD``'s, or the combined path's).
+
+        Raises :class:`StaleTicketError` for a refused ticket; a remembered
+        message ID gives a record carrying its replay.
+        """
+        if int(reply[0]) == 0:
+            self._stale += 1
+            raise StaleTicketError(conversation_id, ticket, int(reply[1]))
+        if int(reply[0]) == 2:
+            assert message_id is not None
+            keys = self.keys(conversation_id)
+            return await self._replay(conversation_id, keys, message_id, ticket, reply[1])
+        return await self._counted(self._record(conversation_id, reply))
+
+    async def _counted(self, record: TrackerRecord) -> TrackerRecord:
+        if record.turn is None and record.event_count:
+            # Saved before turns were stored: count once (the next save
+            # keeps counting from the stored 'u' only for new conversations).
+            record.turn, after = 0, 0
+            while page := await self.events(record.conversation_id, after=after, limit=PAGE_LIMIT):
+                record.turn += sum(1 for event in page if event.get("event") == "user")
+                after += len(page)
         return record
 
     async def _replay(
@@ -306,12 +331,7 @@ class RedisTrackerStore(TrackerStore):
     ) -> TrackerRecord:
         check_conversation_id(conversation_id)
         check_ticket(ticket)
-        if message_id is not None:
-            check_message_id(message_id)
-        args: list[Any] = [ticket, self._ttl_ms, dumps(dict(state))]
-        args += [message_id or "", "[]" if reply is None else reply, self.remember_message_ids]
-        args += [sum(1 for event in new_events if event.get("event") == "user"), self.retain_events]
-        args += [dumps(dict(event)) for event in new_events]
+        args = [ticket, *self.save_args(new_events, state, message_id, reply)]
         keys = self.keys(conversation_id)
         try:
             if self.min_replicas_acked:
@@ -320,6 +340,26 @@ class RedisTrackerStore(TrackerStore):
                 result = await self._save_script(keys=keys, args=args)
         except RedisError as exc:
             raise self._unavailable(exc) from exc
+        return self.saved(conversation_id, result, ticket=ticket)
+
+    def save_args(
+        self,
+        new_events: Sequence[Mapping[str, Any]],
+        state: Mapping[str, Any],
+        message_id: str | None,
+        reply: str | None,
+    ) -> list[Any]:
+        """A save's arguments after the ticket: TTL, state, message ID and reply, bounds, events."""
+        if message_id is not None:
+            check_message_id(message_id)
+        args: list[Any] = [self._ttl_ms, dumps(dict(state))]
+        args += [message_id or "", "[]" if reply is None else reply, self.remember_message_ids]
+        args += [sum(1 for event in new_events if event.get("event") == "user"), self.retain_events]
+        args += [dumps(dict(event)) for event in new_events]
+        return args
+
+    def saved(self, conversation_id: str, result: Sequence[Any], *, ticket: int) -> TrackerRecord:
+        """Check a save's reply (``SAVE``'s, or the combined path's); raise if the ticket was stale."""
         if int(result[0]) == 0:
             self._stale += 1
             raise StaleTicketError(conversation_id, ticket, int(result[1]))

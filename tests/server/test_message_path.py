@@ -1,0 +1,175 @@
+"""The message path: the combined Redis path (two commands per message) and the separate one it falls back to."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from server_procs import start_server, write_endpoints
+
+from convlock.config import RedisSettings
+from convlock.redis import RedisLockStore
+from convlock.server.message_path import StoresPath, choose_message_path
+from convlock.server.redis_message_path import RedisMessagePath
+from convlock.server.redis_tracker import RedisTrackerStore
+from convlock.server.tracker import InMemoryTrackerStore
+from redis_procs import RedisProcess
+
+WEBHOOK = "/webhooks/rest/webhook"
+HANDLER = "convlock_test_handlers:control"
+
+
+def endpoints(path: Path, redis_server: RedisProcess, *, tracker_db: int = 0, lifetime: float = 5) -> Path:
+    def connection(db: int) -> dict[str, Any]:
+        return {"url": redis_server.host, "port": redis_server.port, "db": db, "socket_timeout": 2}
+
+    return write_endpoints(
+        path / f"endpoints-{tracker_db}.yml",
+        {
+            "lock_store": {"type": "redis", "lifetime": lifetime, **connection(0)},
+            "tracker_store": {"type": "redis", **connection(tracker_db)},
+        },
+    )
+
+
+class Monitor:
+    """What clients send while inside, from MONITOR, without the commands Lua scripts call."""
+
+    END = "convlock-test-monitor-end"
+    #: What a new connection sends first (the pool's, or ours to end): not per message.
+    HANDSHAKE = frozenset({"HELLO", "AUTH", "CLIENT", "SELECT"})
+
+    def __init__(self, redis_server: RedisProcess) -> None:
+        self._server = redis_server
+        self.commands: list[str] = []
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    def _listen(self) -> None:
+        with redis.Redis(**self._server.client_kwargs()) as client, client.monitor() as monitor:
+            self._ready.set()
+            for entry in monitor.listen():
+                command = str(entry.get("command", ""))
+                if self.END in command:
+                    return
+                name = command.split(" ", 1)[0].upper()
+                if entry.get("client_type") != "lua" and name not in self.HANDSHAKE:
+                    self.commands.append(name)
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        assert self._ready.wait(5), "MONITOR did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.command("ECHO", self.END)
+        self._thread.join(10)
+
+
+@pytest.mark.slow
+async def test_an_uncontended_message_costs_two_redis_commands(redis_server: RedisProcess, tmp_path: Path) -> None:
+    server = start_server(tmp_path, endpoints=endpoints(tmp_path, redis_server), handler=HANDLER, log_level="info")
+    try:
+        assert "message path: combined" in server.log()
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            warm = await http.post(WEBHOOK, json={"sender": "warm", "message": "hi"})
+            assert warm.status_code == 200, warm.text
+            with Monitor(redis_server) as monitor:
+                replies = [
+                    await http.post(WEBHOOK, json={"sender": "m1", "message": "one"}),
+                    await http.post(WEBHOOK, json={"sender": "m1", "message": "two", "message_id": "id-2"}),
+                    await http.post(WEBHOOK, json={"sender": "m2", "message": "three"}),
+                ]
+            repeat = await http.post(WEBHOOK, json={"sender": "m1", "message": "two", "message_id": "id-2"})
+        assert [r.status_code for r in replies] == [200, 200, 200]
+        assert [r.json()[0]["text"] for r in replies] == ["#1: one", "#2: two", "#1: three"]
+        # One EVALSHA in (draw, load), one out (save, release): nothing else.
+        assert monitor.commands == ["EVALSHA"] * 6, monitor.commands
+        assert repeat.headers.get("idempotent-replayed") == "true"
+        assert repeat.content == replies[1].content
+    finally:
+        assert server.stop() == 0
+    assert redis_server.command("HGET", "convlock:tracker:{m1}", "n") == "4"
+
+
+@pytest.mark.slow
+async def test_stores_on_different_databases_keep_the_separate_path(
+    redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    config = endpoints(tmp_path, redis_server, tracker_db=3)
+    server = start_server(tmp_path, endpoints=config, handler=HANDLER, log_level="info")
+    try:
+        assert "different Redis servers or databases" in server.log()
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            replies = [await http.post(WEBHOOK, json={"sender": "d", "message": str(n)}) for n in range(3)]
+        assert [r.json()[0]["text"] for r in replies] == ["#1: 0", "#2: 1", "#3: 2"]
+    finally:
+        assert server.stop() == 0
+    with redis.Redis(**redis_server.client_kwargs(), db=3) as tracker_db:
+        assert tracker_db.hget("convlock:tracker:{d}", "n") == b"6"
+    assert redis_server.command("EXISTS", "convlock:tracker:{d}") == 0  # nothing went to the lock's db
+
+
+@pytest.mark.slow
+async def test_woken_waiters_load_the_previous_save(redis_server: RedisProcess, tmp_path: Path) -> None:
+    """Messages that queue (in one process and across two) each see every save before theirs.
+
+    A waiter is granted by a hand-off, not by the combined draw, so it loads
+    on its own; if that load missed its predecessor's save, two messages
+    would report the same turn.
+    """
+    config = endpoints(tmp_path, redis_server)
+    servers = [start_server(tmp_path, endpoints=config, handler=HANDLER) for _ in range(2)]
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            sends = [
+                http.post(
+                    f"{servers[n % 2].url}{WEBHOOK}", json={"sender": "queue", "message": f"ctl:sleep:0.0{n % 3}"}
+                )
+                for n in range(16)
+            ]
+            replies = await asyncio.gather(*sends)
+            record = (await http.get(f"{servers[0].url}/conversations/queue/tracker")).json()
+    finally:
+        for server in servers:
+            assert server.stop() == 0
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    turns = sorted(int(r.json()[0]["text"].split(":", 1)[0].lstrip("#")) for r in replies)
+    assert turns == list(range(1, 17))
+    users = [e for e in record["events"] if e["event"] == "user"]
+    assert [e["turn"] for e in users] == list(range(1, 17))
+    tickets = [e["ticket"] for e in users]
+    assert tickets == sorted(tickets)  # saved in ticket order: FIFO held
+    assert record["state"]["turns"] == 16
+
+
+async def test_the_combined_path_is_taken_only_where_it_keeps_every_promise(redis_server: RedisProcess) -> None:
+    here = RedisSettings(url=redis_server.host, port=redis_server.port, db=0)
+    lock = RedisLockStore(here)
+    trackers = {
+        "same": RedisTrackerStore.from_settings(here),
+        "other db": RedisTrackerStore.from_settings(here.model_copy(update={"db": 2})),
+        "other user": RedisTrackerStore.from_settings(here.model_copy(update={"username": "u", "password": "p"})),
+        "replicas": RedisTrackerStore.from_settings(here, min_replicas_acked=1),
+    }
+    try:
+        assert isinstance(choose_message_path(lock, trackers["same"]), RedisMessagePath)
+        for name in ("other db", "other user", "replicas"):
+            path = choose_message_path(lock, trackers[name])
+            assert isinstance(path, StoresPath), name
+        assert "min_replicas_acked is 1" in choose_message_path(lock, trackers["replicas"]).describe()
+        assert isinstance(choose_message_path(lock, InMemoryTrackerStore()), StoresPath)
+        # A client passed in: its server is unknown, so no sharing.
+        client_lock = RedisLockStore(redis.asyncio.Redis(**redis_server.client_kwargs()))
+        assert "client passed in" in choose_message_path(client_lock, trackers["same"]).describe()
+        await client_lock.aclose()
+        await client_lock.client.aclose()
+    finally:
+        await lock.aclose()
+        for tracker in trackers.values():
+            await tracker.aclose()
