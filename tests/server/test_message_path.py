@@ -13,12 +13,14 @@ import redis
 from server_procs import start_server, write_endpoints
 
 from convlock.config import RedisSettings
+from convlock.factory import create_lock_store
 from convlock.redis import RedisLockStore
 from convlock.server.message_path import StoresPath, choose_message_path
 from convlock.server.redis_message_path import RedisMessagePath
 from convlock.server.redis_tracker import RedisTrackerStore
-from convlock.server.tracker import InMemoryTrackerStore
-from redis_procs import RedisProcess
+from convlock.server.tracker import InMemoryTrackerStore, StaleTicketError
+from convlock.server.tracker_factory import create_tracker_store
+from redis_procs import ClusterSetup, RedisProcess
 
 WEBHOOK = "/webhooks/rest/webhook"
 HANDLER = "convlock_test_handlers:control"
@@ -173,3 +175,58 @@ async def test_the_combined_path_is_taken_only_where_it_keeps_every_promise(redi
         await lock.aclose()
         for tracker in trackers.values():
             await tracker.aclose()
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"event": "user", "text": text}
+
+
+async def test_a_revoked_turns_save_is_refused_and_its_successors_state_stands(redis_server: RedisProcess) -> None:
+    block = {"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "stale"}
+    lock, tracker = create_lock_store(block), create_tracker_store(block)
+    path = choose_message_path(lock, tracker)
+    assert isinstance(path, RedisMessagePath)
+    try:
+        async with path.turn("s", wait_timeout=None, message_id=None) as old:
+            assert (await old.load()).event_count == 0
+            assert await lock.force_release("s") == old.ticket  # an operator revokes it mid-message
+            async with path.turn("s", wait_timeout=None, message_id="new") as new:
+                assert new.ticket > old.ticket
+                assert (await new.load()).event_count == 0
+                await new.save([user("new")], {"by": "new"}, "[]")
+            with pytest.raises(StaleTicketError):
+                await old.save([user("old")], {"by": "old"}, None)
+        async with path.turn("s", wait_timeout=None, message_id=None) as after:
+            record = await after.load()
+        assert record.state == {"by": "new"}
+        assert [e["text"] for e in record.events] == ["new"]
+        # The refused save released its ticket in the same script: no lock keys are left.
+        assert [k for k in redis_server.command("KEYS", "stale:*") if ":tracker:" not in k] in ([], ["stale:{s}:s"])
+    finally:
+        await lock.aclose()
+        await tracker.aclose()
+
+
+async def test_the_combined_path_runs_on_a_cluster(redis_cluster: ClusterSetup) -> None:
+    block = {"type": "redis", "deployment_mode": "cluster", "endpoints": redis_cluster.endpoints(), "key_prefix": "mp"}
+    lock, tracker = create_lock_store(block), create_tracker_store(block)
+    path = choose_message_path(lock, tracker)
+    assert isinstance(path, RedisMessagePath)
+    assert isinstance(tracker, RedisTrackerStore)
+    nodes = set()
+    try:
+        for n in range(8):
+            cid = f"conv-{n}"
+            nodes.add(redis_cluster.node_for_key(tracker.key(cid)).port)
+            async with path.turn(cid, wait_timeout=None, message_id="m") as turn:
+                assert (await turn.load()).event_count == 0
+                await turn.save([user(cid)], {"n": n}, '["reply"]')
+            async with path.turn(cid, wait_timeout=None, message_id="m") as turn:
+                assert (await turn.load()).replay == '["reply"]'
+            async with path.turn(cid, wait_timeout=None, message_id=None) as turn:
+                record = await turn.load()
+                assert (record.state, record.event_count, record.turn) == ({"n": n}, 1, 1)
+        assert len(nodes) > 1  # the conversations landed on different nodes
+    finally:
+        await lock.aclose()
+        await tracker.aclose()
