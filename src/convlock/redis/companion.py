@@ -45,11 +45,13 @@ class Companion:
     """The scripts and arguments a :class:`~convlock.redis.RedisLockStore` lock carries along.
 
     ``issue`` replaces ISSUE for this lock's first draw, with ``keys`` as
-    ``KEYS[2..]`` and ``issue_args`` as ``ARGV[3..]``; its reply for a grant
-    at once is ``{ticket, companion's reply}``. ``release`` replaces RELEASE
-    when the holder calls ``release_with(args)``: ``keys`` again as
-    ``KEYS[2..]`` and ``args`` as ``ARGV[4..]``; its reply is
-    ``{companion's reply, RELEASE's reply}``.
+    ``KEYS[2..]`` and ``issue_args`` as ``ARGV[3..]``; for a grant at once
+    the companion's reply lands in ``held.companion_reply``. ``release``
+    replaces RELEASE when the holder calls ``release_with(args)``: ``keys``
+    again as ``KEYS[2..]`` and ``args`` as ``ARGV[4..]``; ``release_with``
+    returns the companion's reply. Build them with
+    :func:`~convlock.redis.scripts.issue_script` and
+    :func:`~convlock.redis.scripts.release_script`.
     """
 
     issue: LuaScript

@@ -302,20 +302,21 @@ end
 )
 
 
-def issue_script(name: str, granted: str) -> LuaScript:
-    """ISSUE with a companion: ``granted`` is Lua code that defines ``granted(t)``.
+def issue_script(name: str, companion: str) -> LuaScript:
+    """ISSUE with a companion: ``companion`` is Lua code that defines ``companion_in(t)``.
 
-    ``granted(t)`` runs inside the same atomic script when ticket ``t`` is
-    granted at once, and its value is the script's reply (plain ISSUE's
-    returns ``t``). A ticket that must wait gets ISSUE's own reply,
-    ``{ticket, holder's lease left (us)}``. The companion reads ``KEYS[2..]``
-    and ``ARGV[3..]``; its keys must share the conversation's hash tag, so
-    that a Cluster runs the script on one slot.
+    ``companion_in(t)`` runs inside the same atomic script when ticket ``t``
+    is granted at once, and the script replies ``{t, 'granted', value}``
+    (``value`` must not be nil). A ticket that must wait gets ISSUE's own
+    reply, ``{ticket, holder's lease left (us)}``. The companion reads
+    ``KEYS[2..]`` and ``ARGV[3..]``; its keys must share the conversation's
+    hash tag, so that a Cluster runs the script on one slot.
     """
-    return _script(name, _ISSUE_BODY, fast=_ISSUE_FAST, setup=granted)
+    hook = f"{companion.strip()}\nlocal function granted(t) return {{t, 'granted', companion_in(t)}} end"
+    return _script(name, _ISSUE_BODY, fast=_ISSUE_FAST, setup=hook)
 
 
-ISSUE = issue_script("issue", "local function granted(t) return t end")
+ISSUE = _script("issue", _ISSUE_BODY, fast=_ISSUE_FAST, setup="local function granted(t) return t end")
 
 # The reply of a script that may hand the lock on (RELEASE, WITHDRAW,
 # FORCE_RELEASE) when it did not take its fast path: {result, handed, holder,
@@ -378,19 +379,26 @@ end
 """
 
 
-def release_script(name: str, released: str) -> LuaScript:
-    """RELEASE with a companion: ``released`` is Lua code that defines ``released(x)``.
+def release_script(name: str, companion: str) -> LuaScript:
+    """RELEASE with a companion: ``companion`` is Lua code that defines ``companion_out()``.
 
-    The companion's code runs first, inside the same atomic script, so it
-    can do its own work before the ticket is let go; ``released(x)`` turns
-    RELEASE's own reply ``x`` (1, or the hand-off reply) into the script's
-    reply (plain RELEASE's returns ``x``). The companion reads ``KEYS[2..]``
-    and ``ARGV[4..]``, with keys in the conversation's hash slot.
+    ``companion_out()`` runs first, inside the same atomic script, so it can
+    do its own work before the ticket is let go; the script replies ``{x,
+    value}``, where ``x`` is RELEASE's own reply (1, or the hand-off reply)
+    and ``value`` what ``companion_out()`` returned (absent if nil). The
+    companion reads ``KEYS[2..]`` and ``ARGV[4..]``, with keys in the
+    conversation's hash slot.
     """
-    return _script(name, _RELEASE_BODY, fast=_RELEASE_FAST, setup=released)
+    hook = (
+        f"{companion.strip()}\nlocal companion_value = companion_out()\n"
+        "local function released(x) return {x, companion_value} end"
+    )
+    return _script(name, _RELEASE_BODY, fast=_RELEASE_FAST, setup=hook)
 
 
-RELEASE = release_script("release", "local function released(x) return x end")
+RELEASE = _script(
+    "release", _RELEASE_BODY, fast=_RELEASE_FAST, setup="local function released(x) return x end"
+)
 
 CHECK = _script(
     "check",

@@ -282,8 +282,9 @@ class _RedisHold(HeldLock):
                     (self._keys.state, *companion.keys),
                     (self._lifetime_arg, self._draw, *companion.issue_args),
                 )
-                if type(reply[1]) is list:  # granted at once: {ticket, companion's reply}
-                    reply, self.companion_reply = reply
+                if reply[1] in (b"granted", "granted"):  # {ticket, 'granted', companion's reply}
+                    self.companion_reply = reply[2] if len(reply) > 2 else None
+                    reply = reply[0]
         except asyncio.CancelledError:
             # The draw may have run with its reply on the way: withdraw
             # whatever ticket it made, or it would block the conversation
@@ -329,7 +330,7 @@ class _RedisHold(HeldLock):
         self._leave()
         sent = time.monotonic()
         try:
-            reply, released = await store._eval_keys(
+            released, *value = await store._eval_keys(
                 companion.release,
                 (self._keys.state, *companion.keys),
                 (self._number, 0, store._tag, *args),
@@ -345,7 +346,7 @@ class _RedisHold(HeldLock):
             self._deadline = -math.inf
         if type(released) is not int:
             store._handed(self.conversation_id, released, sent)
-        return reply
+        return value[0] if value else None
 
     def _leave(self) -> None:
         """Stop renewing and counting this hold: it is being released."""

@@ -75,13 +75,13 @@ from .tracker import TrackerRecord, TrackerStore
 
 __all__ = ["IN", "OUT", "RedisMessagePath"]
 
-# In: ISSUE whose granted(t) runs the tracker's LOAD pieces for ticket t.
-# KEYS[2..4]: the tracker's record, ids and order keys; ARGV[3..5]: TTL (ms),
-# message ID ('' for none), window. Reply when granted at once:
-# {t, LOAD's reply}; else ISSUE's {t, holder's lease left}.
-_GRANTED = (
+# In: ISSUE whose companion_in(t) runs the tracker's LOAD pieces for ticket
+# t. KEYS[2..4]: the tracker's record, ids and order keys; ARGV[3..5]: TTL
+# (ms), message ID ('' for none), window. Reply when granted at once:
+# {t, 'granted', LOAD's reply}; else ISSUE's {t, holder's lease left}.
+_LOAD_IN = (
     """
-local function granted(t)
+local function companion_in(t)
   local record, ids, order = KEYS[2], KEYS[3], KEYS[4]
   local ttl, message_id, window = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local ticket_text, ticket = fmt(t), t
@@ -92,7 +92,7 @@ local function granted(t)
     + lua.READ_RECORD
     + """
   end
-  return {t, load()}
+  return load()
 end
 """
 )
@@ -100,10 +100,10 @@ end
 # Out: the tracker's SAVE pieces, then RELEASE. KEYS[2..4] as In; ARGV[1..3]
 # RELEASE's (ticket, '0', tag); ARGV[4..]: SAVE's after its ticket (TTL,
 # state, message ID, reply, remember, users, retain, events...). Reply:
-# {SAVE's reply, RELEASE's reply}.
-_RELEASED = (
+# {RELEASE's reply, SAVE's reply}.
+_SAVE_OUT = (
     """
-local function save()
+local function companion_out()
   local record, ids, order = KEYS[2], KEYS[3], KEYS[4]
   local ticket_text, ttl, state = ARGV[1], tonumber(ARGV[4]), ARGV[5]
   local message_id, reply, remember = ARGV[6], ARGV[7], tonumber(ARGV[8])
@@ -117,15 +117,13 @@ local function save()
     + lua.TOUCH_TTL
     + """
 end
-local saved = save()
-local function released(x) return {saved, x} end
 """
 )
 
 #: Draw a ticket and, if it is granted at once, load the conversation fenced by it.
-IN = scripts.issue_script("message_in", _GRANTED)
+IN = scripts.issue_script("message_in", _LOAD_IN)
 #: Save the conversation fenced by the ticket, then release it and hand off.
-OUT = scripts.release_script("message_out", _RELEASED)
+OUT = scripts.release_script("message_out", _SAVE_OUT)
 
 
 class RedisMessagePath(MessagePath):
