@@ -28,8 +28,9 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from ..store import HeldLock, LockStore
 from .tracker import InMemoryTrackerStore, TrackerRecord, TrackerStore
@@ -44,14 +45,33 @@ class MessageTurn(abc.ABC):
 
     An async context manager: entering waits for the lock (FIFO; bounded by
     ``wait_timeout``; cancellation withdraws the ticket), leaving releases it.
+    Both are the lock's own (``self._lock``, a lock store's ``lock()``), so a
+    turn keeps every promise of its lock store.
     """
 
-    __slots__ = ()
+    __slots__ = ("_held", "_lock")
+
+    def __init__(self, lock: AbstractAsyncContextManager[HeldLock]) -> None:
+        self._lock = lock
+        self._held: HeldLock | None = None
 
     @property
-    @abc.abstractmethod
     def ticket(self) -> int:
         """The lock's fencing token, which the load and the save carry."""
+        assert self._held is not None, "the turn has not been entered"
+        return self._held.ticket
+
+    async def __aenter__(self) -> Self:
+        self._held = await self._lock.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._lock.__aexit__(exc_type, exc, tb)
 
     @abc.abstractmethod
     async def load(self) -> TrackerRecord:
@@ -66,17 +86,6 @@ class MessageTurn(abc.ABC):
         May release the lock as part of the same call; leaving the block
         then releases nothing more.
         """
-
-    @abc.abstractmethod
-    async def __aenter__(self) -> MessageTurn: ...
-
-    @abc.abstractmethod
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
 
 
 class MessagePath(abc.ABC):
@@ -117,33 +126,15 @@ class StoresPath(MessagePath):
 
 
 class _StoresTurn(MessageTurn):
-    __slots__ = ("_held", "_lock", "_message_id", "_path", "conversation_id")
+    __slots__ = ("_message_id", "_path", "conversation_id")
 
     def __init__(
         self, path: StoresPath, conversation_id: str, wait_timeout: float | None, message_id: str | None
     ) -> None:
+        super().__init__(path.lock_store.lock(conversation_id, wait_timeout=wait_timeout))
         self._path = path
         self.conversation_id = conversation_id
         self._message_id = message_id
-        self._lock = path.lock_store.lock(conversation_id, wait_timeout=wait_timeout)
-        self._held: HeldLock | None = None
-
-    @property
-    def ticket(self) -> int:
-        assert self._held is not None
-        return self._held.ticket
-
-    async def __aenter__(self) -> _StoresTurn:
-        self._held = await self._lock.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._lock.__aexit__(exc_type, exc, tb)
 
     async def load(self) -> TrackerRecord:
         store = self._path.tracker_store

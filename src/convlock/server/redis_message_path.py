@@ -60,7 +60,6 @@ in Redis for every waiter.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 from ..redis import scripts
@@ -82,9 +81,9 @@ __all__ = ["IN", "OUT", "RedisMessagePath"]
 _LOAD_IN = (
     """
 local function companion_in(t)
-  local record, ids, order = KEYS[2], KEYS[3], KEYS[4]
-  local ttl, message_id, window = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-  local ticket_text, ticket = fmt(t), t
+"""
+    + lua.load_locals(2, 3, "fmt(t)")
+    + """
   local function load()
 """
     + lua.FENCE_RAISE
@@ -104,13 +103,8 @@ end
 _SAVE_OUT = (
     """
 local function companion_out()
-  local record, ids, order = KEYS[2], KEYS[3], KEYS[4]
-  local ticket_text, ttl, state = ARGV[1], tonumber(ARGV[4]), ARGV[5]
-  local message_id, reply, remember = ARGV[6], ARGV[7], tonumber(ARGV[8])
-  local users, retain = tonumber(ARGV[9]), tonumber(ARGV[10])
-  local first_event = 11
-  local ticket = tonumber(ticket_text)
 """
+    + lua.save_locals(2, 4)
     + lua.FENCE_CHECK
     + lua.APPEND_AND_SAVE
     + lua.MESSAGE_ID_REMEMBER
@@ -167,26 +161,11 @@ class _RedisTurn(MessageTurn):
         self, path: RedisMessagePath, conversation_id: str, wait_timeout: float | None, message_id: str | None
     ) -> None:
         tracker = self._tracker = path.tracker_store
-        self.conversation_id = conversation_id
-        self._message_id = message_id
         companion = Companion(IN, OUT, tracker.keys(conversation_id), tracker.load_args(message_id))
         self._hold = path.lock_store.lock(conversation_id, wait_timeout=wait_timeout, companion=companion)
-
-    @property
-    def ticket(self) -> int:
-        return self._hold.ticket
-
-    async def __aenter__(self) -> _RedisTurn:
-        await self._hold.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._hold.__aexit__(exc_type, exc, tb)
+        super().__init__(self._hold)
+        self.conversation_id = conversation_id
+        self._message_id = message_id
 
     async def load(self) -> TrackerRecord:
         hold, tracker = self._hold, self._tracker

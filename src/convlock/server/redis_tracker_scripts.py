@@ -63,16 +63,27 @@ __all__ = [
     "READ_RECORD",
     "SAVE",
     "TOUCH_TTL",
+    "load_locals",
+    "save_locals",
 ]
 
 # -- load: KEYS record, ids, order; ARGV ticket, ttl_ms, message_id ('' for none), window
 
-_LOAD_HEADER = """
-local record, ids, order = KEYS[1], KEYS[2], KEYS[3]
-local ticket_text, ttl, message_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local window = tonumber(ARGV[4])
+
+def load_locals(keys_at: int, args_at: int, ticket_text: str) -> str:
+    """The locals the load pieces read: the three keys from ``KEYS[keys_at]`` on,
+    ``ttl``, ``message_id`` and ``window`` from ``ARGV[args_at]`` on, and the
+    ticket from the Lua expression ``ticket_text`` (its decimal text)."""
+    k, a = keys_at, args_at
+    return f"""
+local record, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}]
+local ttl, message_id, window = tonumber(ARGV[{a}]), ARGV[{a + 1}], tonumber(ARGV[{a + 2}])
+local ticket_text = {ticket_text}
 local ticket = tonumber(ticket_text)
 """
+
+
+_LOAD_HEADER = load_locals(1, 2, "ARGV[1]")
 
 #: A ticket below the fence is refused; a higher one raises it.
 FENCE_RAISE = """
@@ -152,14 +163,24 @@ return out
 #    reply, remember (the bound), users (user events among the new ones), retain,
 #    then the new events (JSON each)
 
-_SAVE_HEADER = """
-local record, ids, order = KEYS[1], KEYS[2], KEYS[3]
-local ticket_text, ttl, state = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local message_id, reply, remember = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local users, retain = tonumber(ARGV[7]), tonumber(ARGV[8])
-local first_event = 9
+
+
+def save_locals(keys_at: int, args_at: int) -> str:
+    """The locals the save pieces read: the three keys from ``KEYS[keys_at]`` on,
+    the ticket from ``ARGV[1]``, and the save's other arguments (``ttl``,
+    ``state``, ..., then the events) from ``ARGV[args_at]`` on."""
+    k, a = keys_at, args_at
+    return f"""
+local record, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}]
+local ticket_text, ttl, state = ARGV[1], tonumber(ARGV[{a}]), ARGV[{a + 1}]
+local message_id, reply, remember = ARGV[{a + 2}], ARGV[{a + 3}], tonumber(ARGV[{a + 4}])
+local users, retain = tonumber(ARGV[{a + 5}]), tonumber(ARGV[{a + 6}])
+local first_event = {a + 7}
 local ticket = tonumber(ticket_text)
 """
+
+
+_SAVE_HEADER = save_locals(1, 2)
 
 #: A ticket below the fence is refused, and nothing is written.
 FENCE_CHECK = """
