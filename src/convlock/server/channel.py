@@ -44,7 +44,9 @@ Delivery guarantees (see the README's guarantees section):
 The ``Server-Timing`` header of a 200 splits the request time into
 ``lock`` (waiting for and acquiring the lock), ``load``, ``handler``,
 ``save``, ``release`` and ``total`` (milliseconds), so a client can see
-what the lock costs.
+what the lock costs. On the combined Redis path the load rides on the
+lock's draw and the release on the save, so ``lock`` includes the load's
+round trip (unless the message waited) and ``save`` the release's.
 """
 
 from __future__ import annotations
