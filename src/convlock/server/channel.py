@@ -61,6 +61,7 @@ from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from ..redact import exception_summary
 from .context import ServerContext
 from .conversation import Conversation, Message
+from .disconnect import client_disconnected
 from .handlers import normalize_responses
 from .responses import ApiError, render_json
 from .tracker import StaleTicketError, TrackerNotReplicated, TrackerStoreUnavailable, dumps
@@ -127,7 +128,8 @@ async def webhook(request: Request) -> Response:
 def _disconnect_check(request: Request) -> Callable[[], Awaitable[bool]]:
     """Whether the client of ``request`` has disconnected, without waiting.
 
-    Starlette's ``is_disconnected`` polls the ASGI ``receive`` channel once;
+    :func:`.disconnect.client_disconnected` polls the ASGI ``receive``
+    channel once (not Starlette's ``is_disconnected``: see there why);
     uvicorn answers ``http.disconnect`` there once its protocol has seen the
     connection close. One trip through the event loop first lets a close
     that arrived together with the lock's grant (both ready in one poll, as
@@ -136,7 +138,7 @@ def _disconnect_check(request: Request) -> Callable[[], Awaitable[bool]]:
 
     async def gone() -> bool:
         await asyncio.sleep(0)
-        return await request.is_disconnected()
+        return await client_disconnected(request)
 
     return gone
 
