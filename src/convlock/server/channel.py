@@ -334,8 +334,9 @@ async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict
         async with timeout:
             result = await ctx.handler(message, conversation)
         responses = normalize_responses(result, cid)
-        # Prove the results are JSON before anything is saved.
-        dumps(responses)
+        # Prove the results are JSON before anything is saved (the body is
+        # the proof for the responses: it fails on what dumps fails on).
+        body = render_json(responses)
         dumps(conversation.state)
     except TimeoutError as exc:
         if not timeout.expired():
@@ -384,7 +385,6 @@ async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict
         }
         for response in responses
     ]
-    body = render_json(responses)
     new_events = [user_event, *bot_events]
     try:
         if message.message_id is None:

@@ -14,9 +14,13 @@ from starlette.responses import Response
 __all__ = ["ApiError", "JSONResponse", "error_response", "render_json"]
 
 
+#: Built once: ``json.dumps`` with options builds a new encoder per call (see ``tracker.dumps``).
+_ENCODER = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
 def render_json(content: Any) -> bytes:
     """The bytes every JSON response of this server sends for ``content`` (ASCII, compact)."""
-    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+    return _ENCODER.encode(content).encode("ascii")
 
 
 class JSONResponse(Response):

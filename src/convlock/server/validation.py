@@ -99,18 +99,29 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: Built once: ``json.loads`` with options builds a new decoder and scanner per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def parse_json(body: bytes) -> Any:
     """Parse strict JSON, or raise :class:`ApiError` 400 saying why it is not."""
     if not body:
         raise ApiError(400, "invalid_json", "the body is empty; send a JSON object")
     try:
         text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-        if _too_deep(value, MAX_JSON_DEPTH):
+        if text.startswith("\ufeff"):  # what json.loads says, which the decoder alone does not check
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _DECODER.decode(text)
+        # Nesting needs an opening bracket per level, so a body with few of
+        # them (every chat message) skips the walk.
+        if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(value, MAX_JSON_DEPTH):
             raise RecursionError
         # Re-encoding proves the value can be stored and echoed: it fails on
-        # lone surrogates ("\ud800").
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # lone surrogates ("\ud800"). Strict UTF-8 decoding already refused
+        # encoded surrogates, so only a \u escape can make one: a body
+        # without any skips the second encoding.
+        if b"\\u" in body:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeError:
         raise ApiError(
             400, "invalid_json", "the body is not valid UTF-8 text (or holds a lone surrogate)"
