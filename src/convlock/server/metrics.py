@@ -26,7 +26,7 @@ Names (all prefixed ``convlock_``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Self, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,33 +58,69 @@ class _StoreStatistics(Collector):
         yield family
 
 
+_M = TypeVar("_M")
+
+
+def _cached_child(metric: object, labelvalues: tuple[object, ...], make: Callable[..., _M]) -> _M:
+    """``metric.labels(*labelvalues)``, from a dict of children kept on ``metric``.
+
+    prometheus_client's ``labels()`` checks the names, converts every value
+    with ``str()`` and takes a lock on each call, and a message makes about
+    five such calls. Children never change once made (nothing here calls
+    ``remove()`` or ``clear()``), so a dict lookup can return them.
+    """
+    children: dict[tuple[object, ...], _M] = metric.__dict__.setdefault("_children", {})
+    child = children.get(labelvalues)
+    if child is None:
+        child = children[labelvalues] = make(*labelvalues)
+    return child
+
+
+class _Counter(Counter):
+    """A Counter whose ``labels()`` children are cached (see :func:`_cached_child`)."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        if labelkwargs:
+            return super().labels(*labelvalues, **labelkwargs)
+        return _cached_child(self, labelvalues, super().labels)
+
+
+class _Histogram(Histogram):
+    """A Histogram whose ``labels()`` children are cached (see :func:`_cached_child`)."""
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        if labelkwargs:
+            return super().labels(*labelvalues, **labelkwargs)
+        return _cached_child(self, labelvalues, super().labels)
+
+
 class ServerMetrics:
     """The app's instruments and their registry; ``render()`` gives the scrape text."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = _Counter(
             "convlock_http_requests",
             "HTTP requests by route template and status",
             ["method", "route", "status"],
             registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = _Histogram(
             "convlock_http_request_duration_seconds",
             "HTTP request time",
             ["method", "route"],
             buckets=_BUCKETS,
             registry=r,
         )
-        self.messages = Counter("convlock_messages", "Webhook messages by outcome", ["outcome"], registry=r)
+        self.messages = _Counter("convlock_messages", "Webhook messages by outcome", ["outcome"], registry=r)
         self.in_flight = Gauge("convlock_messages_in_flight", "Messages being processed", registry=r)
         #: The same collectors a library user registers; build_app attaches them to the lock store.
         self.locks = LockMetrics(registry=r)
         self.handler_seconds = Histogram(
             "convlock_handler_seconds", "Handler wall time", buckets=_BUCKETS, registry=r
         )
-        self.tracker_seconds = Histogram(
+        self.tracker_seconds = _Histogram(
             "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=_BUCKETS, registry=r
         )
         self._lock_stats: Callable[[], Mapping[str, Any]] | None = None
@@ -113,7 +149,7 @@ class ServerMetrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one finished HTTP request."""
-        self.requests.labels(method, route, str(status)).inc()
+        self.requests.labels(method, route, status).inc()
         self.request_seconds.labels(method, route).observe(seconds)
 
     def render(self) -> bytes:
