@@ -145,9 +145,11 @@ def _routes() -> list[BaseRoute]:
     async def root(request: Request) -> Response:
         return JSONResponse({"name": "convlock", "version": __version__, "openapi": "/openapi.json"})
 
+    # The chat channel first: the access middleware and the router each try
+    # the routes in order, and nearly every request is a message.
     return [
-        Route("/", root, methods=["GET"]),
         Route("/webhooks/rest/webhook", webhook, methods=["POST"]),
+        Route("/", root, methods=["GET"]),
         Route("/health", admin.health, methods=["GET"]),
         Route("/conversations/{conversation_id:conversation_id}/tracker", admin.tracker, methods=["GET"]),
         Route("/locks", admin.list_locks, methods=["GET"]),
