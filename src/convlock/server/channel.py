@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -65,7 +66,14 @@ from .disconnect import client_disconnected
 from .handlers import normalize_responses
 from .responses import ApiError, render_json
 from .tracker import StaleTicketError, TrackerNotReplicated, TrackerStoreUnavailable, dumps
-from .validation import message_id_of, parse_json, read_body, request_deadline, validate_webhook
+from .validation import (
+    message_id_of,
+    parse_json,
+    read_body,
+    request_deadline,
+    validate_webhook,
+    webhook_headers,
+)
 
 __all__ = ["Processed", "process_message", "webhook"]
 
@@ -111,10 +119,11 @@ class _Timing:
 async def webhook(request: Request) -> Response:
     """Validate the body, process the message, answer with the handler's responses."""
     ctx: ServerContext = request.app.state.ctx
-    deadline = request_deadline(request.headers.get("x-request-timeout"), time.monotonic())
+    timeout_header, idempotency_key = webhook_headers(request)
+    deadline = request_deadline(timeout_header, time.monotonic())
     body = await read_body(request)
     payload = validate_webhook(parse_json(body))
-    message_id = message_id_of(payload, request.headers.get("idempotency-key"))
+    message_id = message_id_of(payload, idempotency_key)
     message = Message(payload.sender, payload.message, payload.metadata or {}, message_id)
     timing = _Timing()
     gone = None if ctx.process_abandoned else _disconnect_check(request)
@@ -364,7 +373,8 @@ async def _locked(ctx: ServerContext, message: Message, ticket: int, parts: dict
     now = time.time()
     # Every event names its message: the client's ID, or one made up here so
     # that a tracker can always tell which bot events answered which message.
-    event_message_id = message.message_id or uuid.uuid4().hex
+    # (32 hex digits like uuid4().hex, at a quarter of its cost: no UUID object.)
+    event_message_id = message.message_id or secrets.token_hex(16)
     user_event: dict[str, Any] = {
         "event": "user",
         "text": message.text,
