@@ -26,7 +26,7 @@ Names (all prefixed ``convlock_``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,40 +58,42 @@ class _StoreStatistics(Collector):
         yield family
 
 
-_M = TypeVar("_M")
-
-
-def _cached_child(metric: object, labelvalues: tuple[object, ...], make: Callable[..., _M]) -> _M:
-    """``metric.labels(*labelvalues)``, from a dict of children kept on ``metric``.
+class _Counter(Counter):
+    """A Counter whose ``labels(...)`` children are kept in a dict of its own.
 
     prometheus_client's ``labels()`` checks the names, converts every value
-    with ``str()`` and takes a lock on each call, and a message makes about
+    with ``str()`` and takes a lock on each call, and a message made about
     five such calls. Children never change once made (nothing here calls
     ``remove()`` or ``clear()``), so a dict lookup can return them.
     """
-    children: dict[tuple[object, ...], _M] = metric.__dict__.setdefault("_children", {})
-    child = children.get(labelvalues)
-    if child is None:
-        child = children[labelvalues] = make(*labelvalues)
-    return child
 
-
-class _Counter(Counter):
-    """A Counter whose ``labels()`` children are cached (see :func:`_cached_child`)."""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._children: dict[tuple[object, ...], Self] = {}
+        super().__init__(*args, **kwargs)
 
     def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
-        if labelkwargs:
-            return super().labels(*labelvalues, **labelkwargs)
-        return _cached_child(self, labelvalues, super().labels)
+        child = None if labelkwargs else self._children.get(labelvalues)
+        if child is None:
+            child = super().labels(*labelvalues, **labelkwargs)
+            if not labelkwargs:
+                self._children[labelvalues] = child
+        return child
 
 
 class _Histogram(Histogram):
-    """A Histogram whose ``labels()`` children are cached (see :func:`_cached_child`)."""
+    """A Histogram whose ``labels(...)`` children are cached, as :class:`_Counter`'s are."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._children: dict[tuple[object, ...], Self] = {}
+        super().__init__(*args, **kwargs)
 
     def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
-        if labelkwargs:
-            return super().labels(*labelvalues, **labelkwargs)
-        return _cached_child(self, labelvalues, super().labels)
+        child = None if labelkwargs else self._children.get(labelvalues)
+        if child is None:
+            child = super().labels(*labelvalues, **labelkwargs)
+            if not labelkwargs:
+                self._children[labelvalues] = child
+        return child
 
 
 class ServerMetrics:
@@ -123,6 +125,8 @@ class ServerMetrics:
         self.tracker_seconds = _Histogram(
             "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=_BUCKETS, registry=r
         )
+        # (method, route, status) -> its counter and histogram children, one lookup per request.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._lock_stats: Callable[[], Mapping[str, Any]] | None = None
         self._tracker_stats: Callable[[], Mapping[str, Any]] | None = None
         r.register(
@@ -149,8 +153,15 @@ class ServerMetrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one finished HTTP request."""
-        self.requests.labels(method, route, status).inc()
-        self.request_seconds.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(method, route, str(status)),
+                self.request_seconds.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -6,21 +6,18 @@ Starlette's own 404/405) into ``{"error": <code>, "reason": <text>}``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.responses import Response
 
+from .jsontext import dumps_ascii
+
 __all__ = ["ApiError", "JSONResponse", "error_response", "render_json"]
-
-
-#: Built once: ``json.dumps`` with options builds a new encoder per call (see ``tracker.dumps``).
-_ENCODER = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 
 def render_json(content: Any) -> bytes:
     """The bytes every JSON response of this server sends for ``content`` (ASCII, compact)."""
-    return _ENCODER.encode(content).encode("ascii")
+    return dumps_ascii(content)
 
 
 class JSONResponse(Response):

@@ -56,6 +56,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
+from .jsontext import dumps_text
+
 __all__ = [
     "DEFAULT_MAX_EVENT_HISTORY",
     "DEFAULT_REMEMBER_MESSAGE_IDS",
@@ -340,15 +342,9 @@ class TrackerStore(abc.ABC):
         return type(self).__name__
 
 
-#: One encoder for every call: ``json.dumps`` with options builds a new
-#: JSONEncoder per call, which was a third of each small event's encoding
-#: (and a message encodes about seven values). Encoders keep no state between calls.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
 def dumps(value: Any) -> str:
-    """Serialize to strict JSON (no NaN), the one encoding every store uses."""
-    return _ENCODER.encode(value)
+    """Serialize to strict JSON (no NaN), the one encoding every store uses (see :mod:`.jsontext`)."""
+    return dumps_text(value)
 
 
 @dataclass(slots=True)
