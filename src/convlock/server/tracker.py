@@ -451,7 +451,9 @@ class InMemoryTrackerStore(TrackerStore):
         # Serialize first: a value that is not JSON must fail before any write.
         encoded_events = [dumps(event if type(event) is dict else dict(event)) for event in new_events]
         encoded_state = dumps(state if type(state) is dict else dict(state))
-        stored = self._records.setdefault(conversation_id, _Stored())
+        stored = self._records.get(conversation_id)
+        if stored is None:  # (setdefault would build a _Stored, deque and all, on every save)
+            stored = self._records[conversation_id] = _Stored()
         if ticket < stored.fence:
             raise self._refuse(conversation_id, ticket, stored.fence)
         stored.events.extend(encoded_events)
