@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .server.app import build_app
+        from .server.app import build_app, tune_gc_for_serving
         from .server.handlers import DEFAULT_HANDLER
         from .server.options import OPTIONS_ENV, ServerOptions, build_context
     except ImportError as exc:
@@ -255,6 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         uvicorn.run("convlock.server.app:app_from_environment", factory=True, workers=args.workers, **common)
         return 0
     server = uvicorn.Server(uvicorn.Config(build_app(ctx), lifespan="on", **common))
+    tune_gc_for_serving()
     server.run()
     return 0 if server.started else 1
 

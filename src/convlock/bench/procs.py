@@ -116,10 +116,14 @@ def _launch(argv: list[str], log_dir: Path, port: int) -> Replica:
 
 
 def start_replica(log_dir: Path, endpoints: dict[str, Any] | None = None) -> Replica:
-    """Start ``convlock run`` (demo handler, no token) with these endpoints; not waited for."""
+    """Start ``convlock run`` (demo handler, no token) with these endpoints; not waited for.
+
+    Every other option is ``convlock run``'s default (the log level too), so
+    the bench measures the server a user starts.
+    """
     port = free_port()
     argv = [sys.executable, "-c", "import sys; from convlock.cli import main; sys.exit(main())", "run",
-            "--port", str(port), "--log-level", "warning"]
+            "--port", str(port)]
     if endpoints is not None:
         path = log_dir / f"endpoints-{port}.yml"
         path.write_text(yaml.safe_dump(endpoints), encoding="utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +34,7 @@ from .openapi import openapi_document
 from .options import ServerOptions, build_context
 from .responses import ApiError, JSONResponse, error_response
 
-__all__ = ["app_from_environment", "build_app"]
+__all__ = ["app_from_environment", "build_app", "tune_gc_for_serving"]
 
 logger = logging.getLogger("convlock.server")
 
@@ -44,6 +45,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 #: At shutdown, how long to wait for messages cancelled past the graceful timeout to release
 #: their locks before the stores are closed.
 RELEASE_GRACE = 10.0
+#: The garbage collector's first-generation threshold in a serving process (see tune_gc_for_serving).
+GC_THRESHOLD = 10_000
 
 
 class _MetricsMiddleware:
@@ -145,9 +148,11 @@ def _routes() -> list[BaseRoute]:
     async def root(request: Request) -> Response:
         return JSONResponse({"name": "convlock", "version": __version__, "openapi": "/openapi.json"})
 
+    # The chat channel first: the access middleware and the router each try
+    # the routes in order, and nearly every request is a message.
     return [
-        Route("/", root, methods=["GET"]),
         Route("/webhooks/rest/webhook", webhook, methods=["POST"]),
+        Route("/", root, methods=["GET"]),
         Route("/health", admin.health, methods=["GET"]),
         Route("/conversations/{conversation_id:conversation_id}/tracker", admin.tracker, methods=["GET"]),
         Route("/locks", admin.list_locks, methods=["GET"]),
@@ -202,4 +207,32 @@ def app_from_environment() -> Starlette:
     """The app of one uvicorn worker process, built from ``CONVLOCK_RUN_OPTIONS``."""
     options = ServerOptions.from_environment()
     options.configure_logging()  # a spawned worker does not inherit the parent's handlers
-    return build_app(build_context(options))
+    app = build_app(build_context(options))
+    tune_gc_for_serving()
+    return app
+
+
+def tune_gc_for_serving() -> None:
+    """Set up the garbage collector of a process that is about to serve requests; call it once.
+
+    Call it after the app is built and before requests arrive. Two things,
+    each from profiling ``convlock run`` under the bench's 16 conversations
+    (gc callbacks, 8,000 messages, in memory): about 17 us per message went
+    to collections, and two or three full ones took 30-60 ms each, a pause
+    for every message in flight.
+
+    * ``gc.freeze()`` (after a collection, so that no garbage is frozen):
+      modules, the app and its stores live as long as the process, yet each
+      full collection walked them all, some 53,000 objects.
+    * A first-generation threshold of :data:`GC_THRESHOLD` instead of 700:
+      the requests in flight hold more than 700 containers between them, so
+      a young collection ran every few messages and, finding them alive,
+      promoted them toward the full collections. The count is allocations
+      minus deallocations, so a request that frees what it made does not add
+      up; at 10,000 no collection ran in those 8,000 messages. Cyclic garbage
+      (the handler's, too) waits a little longer to be freed.
+    """
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, second, third)

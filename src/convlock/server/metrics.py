@@ -26,7 +26,7 @@ Names (all prefixed ``convlock_``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,35 +58,75 @@ class _StoreStatistics(Collector):
         yield family
 
 
+class _Counter(Counter):
+    """A Counter whose ``labels(...)`` children are kept in a dict of its own.
+
+    prometheus_client's ``labels()`` checks the names, converts every value
+    with ``str()`` and takes a lock on each call, and a message made about
+    five such calls. Children never change once made (nothing here calls
+    ``remove()`` or ``clear()``), so a dict lookup can return them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._children: dict[tuple[object, ...], Self] = {}
+        super().__init__(*args, **kwargs)
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        child = None if labelkwargs else self._children.get(labelvalues)
+        if child is None:
+            child = super().labels(*labelvalues, **labelkwargs)
+            if not labelkwargs:
+                self._children[labelvalues] = child
+        return child
+
+
+class _Histogram(Histogram):
+    """A Histogram whose ``labels(...)`` children are cached, as :class:`_Counter`'s are."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._children: dict[tuple[object, ...], Self] = {}
+        super().__init__(*args, **kwargs)
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        child = None if labelkwargs else self._children.get(labelvalues)
+        if child is None:
+            child = super().labels(*labelvalues, **labelkwargs)
+            if not labelkwargs:
+                self._children[labelvalues] = child
+        return child
+
+
 class ServerMetrics:
     """The app's instruments and their registry; ``render()`` gives the scrape text."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = _Counter(
             "convlock_http_requests",
             "HTTP requests by route template and status",
             ["method", "route", "status"],
             registry=r,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = _Histogram(
             "convlock_http_request_duration_seconds",
             "HTTP request time",
             ["method", "route"],
             buckets=_BUCKETS,
             registry=r,
         )
-        self.messages = Counter("convlock_messages", "Webhook messages by outcome", ["outcome"], registry=r)
+        self.messages = _Counter("convlock_messages", "Webhook messages by outcome", ["outcome"], registry=r)
         self.in_flight = Gauge("convlock_messages_in_flight", "Messages being processed", registry=r)
         #: The same collectors a library user registers; build_app attaches them to the lock store.
         self.locks = LockMetrics(registry=r)
         self.handler_seconds = Histogram(
             "convlock_handler_seconds", "Handler wall time", buckets=_BUCKETS, registry=r
         )
-        self.tracker_seconds = Histogram(
+        self.tracker_seconds = _Histogram(
             "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=_BUCKETS, registry=r
         )
+        # (method, route, status) -> its counter and histogram children, one lookup per request.
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._lock_stats: Callable[[], Mapping[str, Any]] | None = None
         self._tracker_stats: Callable[[], Mapping[str, Any]] | None = None
         r.register(
@@ -113,8 +153,15 @@ class ServerMetrics:
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one finished HTTP request."""
-        self.requests.labels(method, route, str(status)).inc()
-        self.request_seconds.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(method, route, str(status)),
+                self.request_seconds.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -6,17 +6,18 @@ Starlette's own 404/405) into ``{"error": <code>, "reason": <text>}``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.responses import Response
+
+from .jsontext import dumps_ascii
 
 __all__ = ["ApiError", "JSONResponse", "error_response", "render_json"]
 
 
 def render_json(content: Any) -> bytes:
     """The bytes every JSON response of this server sends for ``content`` (ASCII, compact)."""
-    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+    return dumps_ascii(content)
 
 
 class JSONResponse(Response):

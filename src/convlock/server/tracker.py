@@ -56,6 +56,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
+from .jsontext import dumps_text
+
 __all__ = [
     "DEFAULT_MAX_EVENT_HISTORY",
     "DEFAULT_REMEMBER_MESSAGE_IDS",
@@ -341,8 +343,8 @@ class TrackerStore(abc.ABC):
 
 
 def dumps(value: Any) -> str:
-    """Serialize to strict JSON (no NaN), the one encoding every store uses."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """Serialize to strict JSON (no NaN), the one encoding every store uses (see :mod:`.jsontext`)."""
+    return dumps_text(value)
 
 
 @dataclass(slots=True)
@@ -447,9 +449,11 @@ class InMemoryTrackerStore(TrackerStore):
         if message_id is not None:
             check_message_id(message_id)
         # Serialize first: a value that is not JSON must fail before any write.
-        encoded_events = [dumps(dict(event)) for event in new_events]
-        encoded_state = dumps(dict(state))
-        stored = self._records.setdefault(conversation_id, _Stored())
+        encoded_events = [dumps(event if type(event) is dict else dict(event)) for event in new_events]
+        encoded_state = dumps(state if type(state) is dict else dict(state))
+        stored = self._records.get(conversation_id)
+        if stored is None:  # (setdefault would build a _Stored, deque and all, on every save)
+            stored = self._records[conversation_id] = _Stored()
         if ticket < stored.fence:
             raise self._refuse(conversation_id, ticket, stored.fence)
         stored.events.extend(encoded_events)

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from ..ids import check_conversation_id
 from .responses import ApiError
@@ -32,6 +32,7 @@ __all__ = [
     "read_body",
     "request_deadline",
     "validate_webhook",
+    "webhook_headers",
 ]
 
 #: Longest deadline a client may send in ``X-Request-Timeout``, in seconds (a day).
@@ -56,19 +57,29 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             raise ApiError(
                 413, "body_too_large", f"the body is {size} bytes; the limit is {limit} bytes (1 MiB)"
             )
+    # ASGI's receive() directly, as Request.stream() would call it, without
+    # the async generator around it (a chat message is one chunk).
+    receive = request.receive
     chunks: list[bytes] = []
     total = 0
-    try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes (1 MiB)")
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(
+                400, "incomplete_body", f"the client disconnected after {total} bytes, before the body ended"
+            )
+        if message["type"] != "http.request":
+            continue
+        chunk: bytes = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes (1 MiB)")
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(
-            400, "incomplete_body", f"the client disconnected after {total} bytes, before the body ended"
-        ) from None
-    return b"".join(chunks)
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _too_deep(value: Any, limit: int) -> bool:
@@ -99,18 +110,29 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: Built once: ``json.loads`` with options builds a new decoder and scanner per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def parse_json(body: bytes) -> Any:
     """Parse strict JSON, or raise :class:`ApiError` 400 saying why it is not."""
     if not body:
         raise ApiError(400, "invalid_json", "the body is empty; send a JSON object")
     try:
         text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-        if _too_deep(value, MAX_JSON_DEPTH):
+        if text.startswith("\ufeff"):  # what json.loads says, which the decoder alone does not check
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _DECODER.decode(text)
+        # Nesting needs an opening bracket per level, so a body with few of
+        # them (every chat message) skips the walk.
+        if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(value, MAX_JSON_DEPTH):
             raise RecursionError
         # Re-encoding proves the value can be stored and echoed: it fails on
-        # lone surrogates ("\ud800").
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # lone surrogates ("\ud800"). Strict UTF-8 decoding already refused
+        # encoded surrogates, so only a \u escape can make one: a body
+        # without any skips the second encoding.
+        if b"\\u" in body:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeError:
         raise ApiError(
             400, "invalid_json", "the body is not valid UTF-8 text (or holds a lone surrogate)"
@@ -197,6 +219,23 @@ def message_id_of(payload: WebhookRequest, idempotency_key: str | None) -> str |
             "so send one of them, or the same value in both",
         )
     return idempotency_key
+
+
+def webhook_headers(request: Request) -> tuple[str | None, str | None]:
+    """The request's ``X-Request-Timeout`` and ``Idempotency-Key`` (the first of each, or None).
+
+    One pass over the raw (lower-case) names: ``request.headers.get`` scans
+    once per name and raises and catches a KeyError for each absent one,
+    and chat clients rarely send either (5.9 vs 0.4 us here).
+    """
+    timeout = key = None
+    for name, value in request.scope["headers"]:
+        if name == b"x-request-timeout":
+            if timeout is None:
+                timeout = value.decode("latin-1")
+        elif name == b"idempotency-key" and key is None:
+            key = value.decode("latin-1")
+    return timeout, key
 
 
 def request_deadline(header: str | None, arrived: float) -> float | None:
