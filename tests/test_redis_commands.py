@@ -1,0 +1,85 @@
+"""The lock store's command path against a real redis-server: batching, errors, cancellation, time bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from convlock.redis.commands import CommandPath
+from redis_procs import RedisProcess
+
+
+@pytest.fixture
+async def client(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    connection = aioredis.Redis(**redis_server.client_kwargs(), db=5, max_connections=40)
+    await connection.flushdb()
+    yield connection
+    await connection.flushdb()
+    await connection.aclose()
+
+
+async def test_concurrent_calls_share_writes_and_each_gets_its_own_reply(
+    client: aioredis.Redis, redis_server: RedisProcess
+) -> None:
+    path = CommandPath(client, budget=32, timeout=5)
+    before = int(redis_server.command("INFO", "stats")["total_connections_received"])
+    # A wrong-type error for one caller must fail that caller only.
+    await client.set("not-a-list", "x")
+    calls = [path.call("INCRBY", f"k{n % 10}", n) for n in range(300)]
+    calls.append(path.call("LPUSH", "not-a-list", "y"))
+    replies = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(replies[-1], ResponseError)
+    totals = {f"k{m}": sum(n for n in range(300) if n % 10 == m) for m in range(10)}
+    assert {key: int(await client.get(key)) for key in totals} == totals
+    # Each reply is the caller's own: INCRBY by n returns a running total that includes n.
+    for n, reply in enumerate(replies[:-1]):
+        assert isinstance(reply, int)
+        assert reply >= n
+    opened = int(redis_server.command("INFO", "stats")["total_connections_received"]) - before
+    assert opened < 32, f"{opened} connections for 301 concurrent calls: they were not batched"
+
+
+async def test_a_caller_cancelled_before_its_batch_leaves_never_runs(client: aioredis.Redis) -> None:
+    path = CommandPath(client, budget=8, timeout=5)
+    first = asyncio.create_task(path.call("INCR", "ran"))  # on the wire: the next calls batch
+    await asyncio.sleep(0)
+    doomed = asyncio.create_task(path.call("INCR", "cancelled"))
+    kept = asyncio.create_task(path.call("INCR", "kept"))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    assert await first == 1
+    assert await kept == 1
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert await client.get("cancelled") is None
+
+
+async def test_a_batch_to_a_hung_server_fails_every_caller_in_time_and_the_path_recovers(
+    fresh_redis: RedisProcess,
+) -> None:
+    connection = aioredis.Redis(**fresh_redis.client_kwargs(), max_connections=20)
+    path = CommandPath(connection, budget=16, timeout=0.5)
+    try:
+        assert await path.call("PING")
+        os.kill(fresh_redis.pid, signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            results = await asyncio.gather(*(path.call("INCR", "n") for _ in range(10)), return_exceptions=True)
+            elapsed = loop.time() - started
+        finally:
+            os.kill(fresh_redis.pid, signal.SIGCONT)
+        assert all(isinstance(result, TimeoutError) for result in results), results
+        assert elapsed < 1.5
+        # The connections that timed out were closed, not reused: later replies are in step.
+        assert await asyncio.gather(*(path.call("ECHO", f"m{n}") for n in range(20))) == [
+            f"m{n}".encode() for n in range(20)
+        ]
+    finally:
+        await connection.aclose()
