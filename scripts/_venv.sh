@@ -21,6 +21,11 @@ if [ ! -x .venv/bin/python ]; then
     if ! "$python" -m venv .venv 2>/dev/null; then
         # Debian's python3 lacks ensurepip until python3-venv is installed.
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            # scripts/test may have apt running in the background: one apt at a time.
+            if [ -n "${apt_job:-}" ]; then
+                wait "$apt_job" || true
+                apt_job=""
+            fi
             apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
             "$python" -m venv .venv
         else
@@ -39,7 +44,8 @@ pip_install() {
 # Reinstall only when pyproject.toml changed since the last install.
 stamp=".venv/.convlock-installed-$1"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    pip_install --upgrade pip >/dev/null
+    # The venv's own pip (ensurepip's, 23.2 on Python 3.11) installs all of
+    # this; upgrading it first only cost a download on every fresh machine.
     pip_install -e ".$2"
     touch "$stamp"
 fi

@@ -443,6 +443,11 @@ def test_openapi_document_describes_every_route(client: httpx.Client) -> None:
 def test_schemathesis_finds_no_server_error(server: ServerProcess, client: httpx.Client, tmp_path: Path) -> None:
     """Fuzz every operation of /openapi.json; no input may produce a 5xx or break the schema.
 
+    25 random examples per operation, seed fixed: with 100 the fuzzing
+    phase alone took 50 s of the 10-minute CI budget. The coverage phase
+    (boundary values and invalid inputs for every parameter) and the
+    stateful phase (following the API's links) still run; every operation
+    is still tested and the webhook still gets dozens of posts (74 at 25).
     One schemathesis worker: with several, hypothesis parses lambda sources
     with ``ast.parse`` in parallel threads, which CPython 3.11 can fail with
     "AST constructor recursion depth mismatch" (a client-side error).
@@ -453,7 +458,7 @@ def test_schemathesis_finds_no_server_error(server: ServerProcess, client: httpx
         [str(st), "run", f"{server.url}/openapi.json",
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
          "response_schema_conformance",
-         "--max-examples", "100", "--seed", "1", "--workers", "1",
+         "--max-examples", "25", "--seed", "1", "--workers", "1",
          "--header", f"Authorization: Bearer {TOKEN}",
          "--generation-database", "none", "--no-color",
          "--report", "junit", "--report-dir", str(tmp_path)],

@@ -140,7 +140,7 @@ def start_echo(log_dir: Path) -> Replica:
 class Worker:
     """A :mod:`convlock.bench.worker` child: one JSON command per line in, one JSON answer out."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, *, wait: bool = True) -> None:
         with log_path.open("ab") as log:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "convlock.bench.worker"],
@@ -149,6 +149,15 @@ class Worker:
                 stderr=log,
                 text=True,
             )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the worker says ``ready``; raise if it said anything else or exited.
+
+        Start several with ``wait=False`` and then wait for each: their
+        imports then overlap instead of running one after another.
+        """
         line = self._read()
         if line.strip() != "ready":
             raise RuntimeError(f"bench worker did not start: {line!r}")

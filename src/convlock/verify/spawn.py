@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,6 +216,10 @@ class SpawnedSentinel:
 
     def __init__(self, directory: Path, *, binary: str | None = None) -> None:
         binary = binary or find_redis_server()
+        # Set by kill(): a failover still running in its thread at the end of
+        # the run gives up at once instead of polling killed servers for the
+        # rest of its 20 + 30 s timeouts (which the interpreter's exit waits for).
+        self._killed = threading.Event()
         sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0", "--appendonly", "no")
         self.master = SpawnedRedis(directory / "master", binary=binary, extra_args=sync)
         self.replica = SpawnedRedis(
@@ -278,15 +283,16 @@ class SpawnedSentinel:
                 break
             except redis.ResponseError:
                 # INPROG or NOGOODSLAVE: an earlier failover is still settling.
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self._killed.is_set():
                     raise
                 time.sleep(0.2)
-        _wait(lambda: self.master_port() != old, "the sentinels to promote the replica", 20)
+        _wait(lambda: self.master_port() != old, "the sentinels to promote the replica", 20, self._killed)
         new = self.master_port()
-        _wait(lambda: _replicas_online(new) >= 1, "the old master to sync as a replica", 30)
+        _wait(lambda: _replicas_online(new) >= 1, "the old master to sync as a replica", 30, self._killed)
 
     def kill(self) -> None:
-        """SIGKILL every process."""
+        """SIGKILL every process; a :meth:`failover` still waiting raises :class:`SpawnError` at once."""
+        self._killed.set()
         for process in self.processes:
             process.kill()
 
@@ -307,9 +313,13 @@ def _replicas_online(port: int) -> int:
     return sum(1 for key, value in info.items() if key.startswith("slave") and "online" in str(value))
 
 
-def _wait(predicate: Callable[[], bool], what: str, timeout: float) -> None:
+def _wait(
+    predicate: Callable[[], bool], what: str, timeout: float, killed: threading.Event | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if killed is not None and killed.is_set():
+            raise SpawnError(f"stopped waiting for {what}: the servers were killed")
         try:
             if predicate():
                 return

@@ -44,8 +44,12 @@ class Context:
 
     def workers(self, count: int) -> list[Worker]:
         """``count`` worker processes, started on first use and kept for the run."""
-        while len(self._workers) < count:
-            self._workers.append(Worker(self.work / f"worker-{len(self._workers)}.log"))
+        # Start them all, then wait: their imports overlap.
+        first = len(self._workers)
+        started = [Worker(self.work / f"worker-{index}.log", wait=False) for index in range(first, count)]
+        self._workers += started
+        for worker in started:
+            worker.wait_ready()
         return self._workers[:count]
 
     def close(self) -> None:
