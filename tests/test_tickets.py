@@ -24,12 +24,14 @@ from hypothesis.stateful import (
 )
 
 from convlock.tickets import (
+    RECHECK_MARGIN,
     REVOKED,
     Terms,
     Ticket,
     TicketBook,
     may_forget,
     next_fencing_token,
+    next_look,
     renew_interval,
 )
 
@@ -259,3 +261,16 @@ def test_may_forget_only_after_clock_passes_last() -> None:
 
 def test_renew_interval_is_a_third() -> None:
     assert renew_interval(60.0) == 20.0
+
+
+def test_next_look_polls_from_the_last_look_not_from_now() -> None:
+    """A waiter that asks again after every sleep still looks once per poll period."""
+    far = 1000.0
+    # Asked 0.03 s after its last look with a 0.05 s period: 0.02 s to go.
+    assert next_look(10.03, holder_ends=far, deadline=None, poll=0.05, last_look=10.0) == 10.05
+    # Asked again after that sleep: the look is due (at or before now), not 0.05 s later.
+    assert next_look(10.05, holder_ends=far, deadline=None, poll=0.05, last_look=10.0) <= 10.05
+    # The holder's lease end and the deadline still win when they come first.
+    assert next_look(10.0, holder_ends=10.01, deadline=None, poll=0.05, last_look=10.0) == 10.01 + RECHECK_MARGIN
+    assert next_look(10.0, holder_ends=far, deadline=10.02, poll=0.05, last_look=10.0) == 10.02
+    assert next_look(10.0, holder_ends=math.inf, deadline=None, poll=None, last_look=10.0) == math.inf

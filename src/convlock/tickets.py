@@ -336,20 +336,24 @@ def next_look(
     holder_ends: float,
     deadline: float | None,
     poll: float | None,
+    last_look: float,
 ) -> float:
     """When a waiter should next act on its own, on its monotonic clock.
 
     ``holder_ends`` is when the holder's lease ends at the latest, as seen
     from this waiter (``inf`` when a holder in this process will hand over
     itself); ``deadline`` is its ``wait_timeout`` (None: none); ``poll`` is a
-    fallback period when nothing would wake it (None: none). Wake-ups and
-    lease keep-alives come from elsewhere; this only bounds the wait so that
-    a dead holder is noticed ``RECHECK_MARGIN`` after its lease and a
-    deadline is kept to the moment.
+    fallback period when nothing would wake it (None: none), counted from
+    ``last_look``, the waiter's last look at the queue. (Counted from
+    ``now``, a caller that asks again after each wake-up or sleep would push
+    the look back for ever.) Wake-ups and lease keep-alives come from
+    elsewhere; this only bounds the wait so that a dead holder is noticed
+    ``RECHECK_MARGIN`` after its lease and a deadline is kept to the moment.
+    A result at or before ``now`` means: look now.
     """
     target = holder_ends + RECHECK_MARGIN
     if deadline is not None and deadline < target:
         target = deadline
-    if poll is not None and now + poll < target:
-        target = now + poll
+    if poll is not None and last_look + poll < target:
+        target = last_look + poll
     return target

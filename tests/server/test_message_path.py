@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ import pytest
 import redis
 from server_procs import start_server, write_endpoints
 
+from convlock.bench.procs import RedisTarget
+from convlock.bench.scenarios.lock_redis import CommandMonitor
 from convlock.config import RedisSettings
 from convlock.factory import create_lock_store
 from convlock.redis import RedisLockStore
@@ -39,40 +40,6 @@ def endpoints(path: Path, redis_server: RedisProcess, *, tracker_db: int = 0, li
     )
 
 
-class Monitor:
-    """What clients send while inside, from MONITOR, without the commands Lua scripts call."""
-
-    END = "convlock-test-monitor-end"
-    #: What a new connection sends first (the pool's, or ours to end): not per message.
-    HANDSHAKE = frozenset({"HELLO", "AUTH", "CLIENT", "SELECT"})
-
-    def __init__(self, redis_server: RedisProcess) -> None:
-        self._server = redis_server
-        self.commands: list[str] = []
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._listen, daemon=True)
-
-    def _listen(self) -> None:
-        with redis.Redis(**self._server.client_kwargs()) as client, client.monitor() as monitor:
-            self._ready.set()
-            for entry in monitor.listen():
-                command = str(entry.get("command", ""))
-                if self.END in command:
-                    return
-                name = command.split(" ", 1)[0].upper()
-                if entry.get("client_type") != "lua" and name not in self.HANDSHAKE:
-                    self.commands.append(name)
-
-    def __enter__(self) -> Monitor:
-        self._thread.start()
-        assert self._ready.wait(5), "MONITOR did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.command("ECHO", self.END)
-        self._thread.join(10)
-
-
 @pytest.mark.slow
 async def test_an_uncontended_message_costs_two_redis_commands(redis_server: RedisProcess, tmp_path: Path) -> None:
     server = start_server(tmp_path, endpoints=endpoints(tmp_path, redis_server), handler=HANDLER, log_level="info")
@@ -81,7 +48,7 @@ async def test_an_uncontended_message_costs_two_redis_commands(redis_server: Red
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             warm = await http.post(WEBHOOK, json={"sender": "warm", "message": "hi"})
             assert warm.status_code == 200, warm.text
-            with Monitor(redis_server) as monitor:
+            with CommandMonitor(RedisTarget(redis_server.host, redis_server.port)) as monitor:
                 replies = [
                     await http.post(WEBHOOK, json={"sender": "m1", "message": "one"}),
                     await http.post(WEBHOOK, json={"sender": "m1", "message": "two", "message_id": "id-2"}),

@@ -45,9 +45,9 @@ Time
 ----
 Every call, the wait for a slot included, is bounded by ``timeout`` on the
 client's clock (``asyncio.timeout``), whatever socket timeout a client
-passed in has, and so is every batch as a whole. A connection whose reply did not come in time, or whose
-caller was cancelled mid-call, is closed rather than reused, since the
-late reply would be read by the next caller.
+passed in has, and so is every batch as a whole. A connection whose reply
+did not come in time, or whose caller was cancelled mid-call, is closed
+rather than reused, since the late reply would be read by the next caller.
 """
 
 from __future__ import annotations
@@ -176,28 +176,17 @@ class CommandPath:
         never leaves a reply unread on the connection; the batch as a whole
         is bounded by ``timeout`` and fails every caller still waiting.
         """
-        pool = self._pool
-        assert pool is not None
         self._sending += 1
         try:
             async with asyncio.timeout(self.timeout):
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                try:
-                    await conn.send_packed_command(conn.pack_commands([args for args, _ in batch]))
-                    for _, future in batch:
-                        try:
-                            reply = await conn.read_response()
-                        except ResponseError as error:  # an error reply: the stream stays in step
-                            if not future.done():
-                                future.set_exception(error)
-                            continue
-                        if not future.done():
-                            future.set_result(reply)
-                except BaseException:
-                    await conn.disconnect(nowait=True)
-                    raise
-                finally:
-                    await pool.release(conn)
+                replies = await self._batch([args for args, _ in batch])
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue
+                if isinstance(reply, ResponseError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
         except Exception as error:
             for _, future in batch:
                 if not future.done():

@@ -820,17 +820,13 @@ class RedisLockStore(LockStore):
                 # other holder's lease end is when to look.
                 ahead_is_local = local is not None and any(h._renew and not h.lost for h in local.holds)
                 now = time.monotonic()
-                # The fallback period counts from the last look (ours or the
-                # renewer's), not from now: counted from now, each pass of
-                # this loop after its sleep pushed the look back again, so a
-                # waiter past the readers' budget only learnt of its grant
-                # from its lease renewal's check, lifetime/3 later.
-                poll = hold._poll
+                # The last look is ours or the renewer's check, whichever came last.
                 at = next_look(
                     now,
                     holder_ends=hold._holder_ends if front and not ahead_is_local else math.inf,
                     deadline=deadline,
-                    poll=max(0.0, hold._probe_sent + poll - now) if front and poll is not None else None,
+                    poll=hold._poll if front else None,
+                    last_look=hold._probe_sent,
                 )
                 if at > now:
                     hold._signal.clear()

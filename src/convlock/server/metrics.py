@@ -26,7 +26,7 @@ Names (all prefixed ``convlock_``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Self
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,42 +58,35 @@ class _StoreStatistics(Collector):
         yield family
 
 
-class _Counter(Counter):
-    """A Counter whose ``labels(...)`` children are kept in a dict of its own.
+class _CachedLabels:
+    """Keeps a metric's ``labels(...)`` children in a dict of its own.
 
     prometheus_client's ``labels()`` checks the names, converts every value
     with ``str()`` and takes a lock on each call, and a message made about
     five such calls. Children never change once made (nothing here calls
-    ``remove()`` or ``clear()``), so a dict lookup can return them.
+    ``remove()`` or ``clear()``), so a dict lookup can return them. Mixed in
+    before the metric class.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._children: dict[tuple[object, ...], Self] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
         super().__init__(*args, **kwargs)
 
-    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Any:
         child = None if labelkwargs else self._children.get(labelvalues)
         if child is None:
-            child = super().labels(*labelvalues, **labelkwargs)
+            child = super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
             if not labelkwargs:
                 self._children[labelvalues] = child
         return child
 
 
-class _Histogram(Histogram):
-    """A Histogram whose ``labels(...)`` children are cached, as :class:`_Counter`'s are."""
+class _Counter(_CachedLabels, Counter):
+    """A Counter whose ``labels(...)`` children are cached (see :class:`_CachedLabels`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._children: dict[tuple[object, ...], Self] = {}
-        super().__init__(*args, **kwargs)
 
-    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
-        child = None if labelkwargs else self._children.get(labelvalues)
-        if child is None:
-            child = super().labels(*labelvalues, **labelkwargs)
-            if not labelkwargs:
-                self._children[labelvalues] = child
-        return child
+class _Histogram(_CachedLabels, Histogram):
+    """A Histogram whose ``labels(...)`` children are cached (see :class:`_CachedLabels`)."""
 
 
 class ServerMetrics:

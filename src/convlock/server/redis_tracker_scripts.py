@@ -85,6 +85,15 @@ local ticket = tonumber(ticket_text)
 
 _LOAD_HEADER = load_locals(1, 2, "ARGV[1]")
 
+# Restart the TTL of every key of the conversation, when it has one: it is in use.
+_TOUCH = """
+if ttl > 0 then
+  redis.call('PEXPIRE', record, ttl)
+  redis.call('PEXPIRE', ids, ttl)
+  redis.call('PEXPIRE', order, ttl)
+end
+"""
+
 #: A ticket below the fence is refused; a higher one raises it.
 FENCE_RAISE = """
 local fence_text = redis.call('HGET', record, 'fence') or '0'
@@ -93,28 +102,23 @@ if ticket > tonumber(fence_text) then redis.call('HSET', record, 'fence', ticket
 """
 
 #: A message ID the conversation remembers ends the load with its reply.
-MESSAGE_ID_LOOKUP = """
+MESSAGE_ID_LOOKUP = (
+    """
 if message_id ~= '' then
   local reply = redis.call('HGET', ids, message_id)
   if reply then
-    if ttl > 0 then
-      redis.call('PEXPIRE', record, ttl)
-      redis.call('PEXPIRE', ids, ttl)
-      redis.call('PEXPIRE', order, ttl)
-    end
+"""
+    + _TOUCH
+    + """
     return {2, reply}
   end
 end
 """
+)
 
-#: The head and the last `window` events; TTLs restart, since the conversation is in use.
-#: Events dropped by retention come back as nil (false) and are skipped by the reader.
-READ_RECORD = """
-if ttl > 0 then
-  redis.call('PEXPIRE', record, ttl)
-  redis.call('PEXPIRE', ids, ttl)
-  redis.call('PEXPIRE', order, ttl)
-end
+# The head and the last `window` events. Events dropped by retention come
+# back as nil (false) and are skipped by the reader.
+_READ_HEAD_AND_WINDOW = """
 local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u')
 local n = tonumber(head[4] or '0')
 local out = {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or ''}
@@ -130,13 +134,16 @@ end
 return out
 """
 
+#: The head and the last `window` events; TTLs restart, since the conversation is in use.
+READ_RECORD = _TOUCH + _READ_HEAD_AND_WINDOW
+
 LOAD = _LOAD_HEADER + FENCE_RAISE + MESSAGE_ID_LOOKUP + READ_RECORD
 
 # -- peek: a plain read (no fence, no TTL refresh). KEYS record; ARGV window
 
 PEEK = """
-local record, ttl, window = KEYS[1], 0, tonumber(ARGV[1])
-""" + READ_RECORD.replace("  redis.call('PEXPIRE', ids, ttl)\n  redis.call('PEXPIRE', order, ttl)\n", "")
+local record, window = KEYS[1], tonumber(ARGV[1])
+""" + _READ_HEAD_AND_WINDOW
 
 # -- events: one page. KEYS record; ARGV after, limit, retain. Returns {n, events...}
 
@@ -162,7 +169,6 @@ return out
 # -- save: KEYS record, ids, order; ARGV ticket, ttl_ms, state, message_id ('' for none),
 #    reply, remember (the bound), users (user events among the new ones), retain,
 #    then the new events (JSON each)
-
 
 
 def save_locals(keys_at: int, args_at: int) -> str:
@@ -218,12 +224,7 @@ if message_id ~= '' and redis.call('HSETNX', ids, message_id, reply) == 1 then
 end
 """
 
-TOUCH_TTL = """
-if ttl > 0 then
-  redis.call('PEXPIRE', record, ttl)
-  redis.call('PEXPIRE', ids, ttl)
-  redis.call('PEXPIRE', order, ttl)
-end
+TOUCH_TTL = _TOUCH + """
 return {1, n}
 """
 

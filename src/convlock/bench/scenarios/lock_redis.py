@@ -44,7 +44,7 @@ from ..procs import RedisTarget, run_all, spawn_redis
 from ..report import Figure, Target
 from . import Context
 
-__all__ = ["burst", "cycle", "footprint", "listing", "throughput"]
+__all__ = ["CommandMonitor", "burst", "cycle", "footprint", "listing", "throughput"]
 
 CYCLES_PER_BLOCK = 50
 CONVERSATION = "bench"
@@ -170,7 +170,7 @@ def throughput(ctx: Context) -> None:
     ctx.results.series["throughput"] = table
 
 
-class _Monitor:
+class CommandMonitor:
     """Count what clients send while inside, from MONITOR, leaving out the commands Lua scripts call."""
 
     END = "convlock-bench-monitor-end"
@@ -196,7 +196,7 @@ class _Monitor:
                     name = command.split(" ", 1)[0].upper()
                     (self.handshakes if name in self.HANDSHAKE else self.commands).append(name)
 
-    def __enter__(self) -> _Monitor:
+    def __enter__(self) -> CommandMonitor:
         self._thread.start()
         if not self._ready.wait(5):
             raise RuntimeError("MONITOR did not start")
@@ -216,7 +216,7 @@ async def _commands_per_cycle(ctx: Context, cycles: int) -> float:
         for _ in range(5):
             async with store.lock("monitored"):
                 pass
-        with _Monitor(ctx.redis()) as monitor:
+        with CommandMonitor(ctx.redis()) as monitor:
             for _ in range(cycles):
                 async with store.lock("monitored"):
                     pass

@@ -36,7 +36,7 @@ from ..measure import median, percentile
 from ..procs import Replica, start_echo, start_replica
 from ..report import Figure, Target
 from . import Context
-from .lock_redis import _Monitor
+from .lock_redis import CommandMonitor
 
 __all__ = ["run"]
 
@@ -169,7 +169,7 @@ def run(ctx: Context) -> None:
         sender = f"monitored-{time.monotonic_ns()}"
         monitored = 10 if ctx.quick else 50
         asyncio.run(_sequential(redis_replicas[0].url, sender, 1))
-        with _Monitor(target) as monitor:
+        with CommandMonitor(target) as monitor:
             asyncio.run(_sequential(redis_replicas[0].url, sender, monitored))
             time.sleep(0.05)
     finally:
