@@ -170,6 +170,7 @@ class _Listener:
         self.key = key
         self.service = template.service_name
         self.pools: weakref.WeakSet[FailoverAwarePool] = weakref.WeakSet()
+        self.stopped = False
         loop = asyncio.get_running_loop()
         self.tasks = [
             loop.create_task(self._listen(sentinel.connection_pool), name=f"convlock-sentinel-{i}")
@@ -181,15 +182,22 @@ class _Listener:
         pool = ConnectionPool(connection_class=sentinel_pool.connection_class, **kwargs)
         client = aioredis.Redis.from_pool(pool)
         try:
-            while True:
+            while not self.stopped:
                 pubsub = client.pubsub()
                 try:
                     await pubsub.subscribe(_CHANNEL)
-                    while True:
+                    while not self.stopped:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_POLL)
                         if message is not None:
                             await self._announced(message.get("data"))
                 except (RedisError, OSError, TimeoutError) as error:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        # Python 3.11's asyncio.timeout (inside get_message) can turn a
+                        # cancellation that lands as its own timer fires into
+                        # TimeoutError. Seen: stop() then waited for ever on a listener
+                        # that went on resubscribing (convlock verify hung at exit).
+                        raise asyncio.CancelledError from error
                     logger.debug("Sentinel listener: %s; resubscribing", error)
                 finally:
                     with contextlib.suppress(Exception):
@@ -213,6 +221,7 @@ class _Listener:
             await pool.master_lost(f"+switch-master to {parts[3]}:{parts[4]}")
 
     async def stop(self) -> None:
+        self.stopped = True  # ends the loops even if a cancellation is lost (see _listen)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
