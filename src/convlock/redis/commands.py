@@ -1,4 +1,4 @@
-"""The lock store's short commands: budgeted, bounded in time, never re-sent.
+"""The lock store's short commands: pipelined on one connection, bounded in time, never re-sent.
 
 Why not ``client.execute_command``
 ----------------------------------
@@ -8,76 +8,260 @@ that users build themselves. For a lock script that is wrong: an ``ISSUE``
 whose reply timed out may have run, and running it again draws a second
 ticket that nobody owns, so the caller queues behind its own ghost for a
 whole lease. So for a standard or Sentinel-managed client (one server at a
-time) this module takes a connection from the client's pool, sends the
-command, reads one reply and gives the connection back, which is what
-redis-py does minus the retry loop and its per-call observability hooks.
-A Cluster client must follow ``MOVED`` redirections, which only its own
-``execute_command`` does; a Cluster client passed in with a retrying policy
-is refused by the store instead.
+time) this module sends on a connection of the client's pool itself, with
+no retry loop. A Cluster client must follow ``MOVED`` redirections, which
+only its own ``execute_command`` does; a Cluster client passed in with a
+retrying policy is refused by the store instead.
 
-Budget
-------
-Each call first takes a slot of an ``asyncio.Semaphore`` sized to the
-store's command budget (``max_connections`` minus the connections that the
-wake-up readers may use), waiting for one at most ``socket_timeout``. A
-pool never opens more connections than calls in flight, so the store's
-connections stay within ``max_connections`` whatever the number of callers,
-and blocking reads (which have their own budget, see
-:mod:`convlock.redis.wakeups`) can never starve these short commands.
+Pipelining (one lane)
+---------------------
+A standard or Sentinel client's calls all travel on one connection, the
+*lane* (:class:`_Lane`), taken from the client's pool and kept: each call
+writes its command at once and waits for its reply, and a single reader
+task reads the replies in order and hands each to its caller. Redis answers
+the commands of one connection in the order it received them, so the n-th
+reply is the n-th caller's, error replies included. Many messages in flight
+then cost one socket and one read per burst of replies, instead of a pool
+connection, a pool lock, a write and a read each. The figures that chose
+this (``convlock run`` on Redis, 16 conversations, py-spy): redis-py's
+per-call machinery (pool get and release, Python command packing, per-read
+timeouts) was about a quarter of the server's time; see the commit that
+introduced the lane for before and after. Commands are packed by hiredis,
+redis-py's C companion, where it is installed.
 
-Batching
---------
-A call made while another is on the wire does not take a connection of its
-own: it joins a batch that leaves at the end of the current event-loop
-iteration, written in one system call on one connection, and each caller
-gets its own reply (or error reply) in order. A call made while nothing is
-in flight goes out at once, so an uncontended lock pays nothing for this.
-redis-py has no such automatic pipelining, and on a busy server the write
-system calls were the largest single cost of a message on Redis (profiled
-with py-spy: 13% of the server's time); batching raised ``convlock run``'s
-messages/s on Redis by about a third here. Commands of one caller stay in
-order (a caller waits for each reply before its next command), and
-commands of different callers were never ordered among themselves. A caller
-cancelled before its batch leaves is dropped from it: its command never
-runs.
+One connection is enough: Redis runs commands one at a time whatever the
+number of connections, and the replies are small. Commands of one caller
+stay in order (a caller waits for each reply before its next command);
+commands of different callers were never ordered among themselves.
+
+Cancellation: a caller cancelled after its command was written no longer
+waits, but its command runs, and its reply is read and dropped, so the lane
+stays in step. (The store withdraws a draw whose reply it never saw by its
+draw ID.)
 
 Time
 ----
-Every call, the wait for a slot included, is bounded by ``timeout`` on the
-client's clock (``asyncio.timeout``), whatever socket timeout a client
-passed in has, and so is every batch as a whole. A connection whose reply
-did not come in time, or whose caller was cancelled mid-call, is closed
-rather than reused, since the late reply would be read by the next caller.
+Every call is bounded by ``timeout`` on the client's clock, whatever socket
+timeout a client passed in has. One timer per lane watches the oldest call
+waiting for its reply: if that one is ``timeout`` old, the lane is closed,
+every call still waiting on it fails with ``TimeoutError``, and the next
+call opens a new lane (a new connection). A connection error fails the
+lane's waiting calls the same way. No call is sent twice.
+
+Failover: a lane whose connection its Sentinel pool marked for reconnect
+(the master changed) takes no new calls; it finishes the ones in flight and
+goes back to the pool, which closes it.
+
+For a Cluster client each call takes a slot of an ``asyncio.Semaphore``
+sized to the store's command budget, which bounds its connections, and is
+bounded by ``asyncio.timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from .connection import RedisClient
 from .scripts import LuaScript
 
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # hiredis packs a command in C, about ten times faster than redis-py's Python
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a dependency; kept for stripped installs
+    _hiredis_pack = None
+
 __all__ = ["CommandPath", "retries_on_timeout"]
+
+
+def _packer(connection: AbstractConnection) -> Callable[[tuple[Any, ...]], Any]:
+    """hiredis's packer when it encodes as the connection would (UTF-8), else the connection's own."""
+    encoder = connection.encoder
+    utf8 = encoder.encoding.lower().replace("-", "") == "utf8" and encoder.encoding_errors == "strict"
+    if _hiredis_pack is None or not utf8:
+        return lambda args: connection.pack_command(*args)
+    pack = _hiredis_pack
+
+    def packed(args: tuple[Any, ...]) -> bytes:
+        head = args[0]
+        if " " in head:  # "SCRIPT LOAD": Redis wants the words as separate arguments, as redis-py sends them
+            args = (*head.split(), *args[1:])
+        return pack(args)
+
+    return packed
+
+
+class _Lane:
+    """One pooled connection carrying many calls at once; see "Pipelining" in the module docstring.
+
+    A lane is open until its first failure (every waiting call then fails
+    with that error) or until it is retired (it drains, then goes back to
+    its pool). It never carries a call after either.
+    """
+
+    __slots__ = ("_closers", "_connection", "_pack", "_pending", "_pool", "_reader", "_timer",
+                 "closed", "retired", "timeout")
+
+    def __init__(self, pool: ConnectionPool, connection: AbstractConnection, timeout: float) -> None:
+        self._pool = pool
+        self._connection = connection
+        self._pack = _packer(connection)
+        self.timeout = timeout
+        # (deadline, future) per written command, oldest first: replies come in this order.
+        self._pending: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.retired = False
+        self._closers: set[asyncio.Task[None]] = set()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @property
+    def in_flight(self) -> int:
+        """Calls written and not yet answered."""
+        return len(self._pending)
+
+    def usable(self) -> bool:
+        """Whether a new call may be written here."""
+        if self.closed or self.retired:
+            return False
+        connection = self._connection
+        if connection.should_reconnect() or not connection.is_connected:  # type: ignore[no-untyped-call]
+            self.retire()
+            return False
+        return True
+
+    async def send(self, commands: Sequence[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        """Write ``commands`` in one write; return one future per command, resolved with its reply."""
+        loop = asyncio.get_running_loop()
+        pack = self._pack
+        data = b"".join(_join(pack(args)) for args in commands)
+        deadline = loop.time() + self.timeout
+        futures = [loop.create_future() for _ in commands]
+        pending = self._pending
+        pending.extend((deadline, future) for future in futures)
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._check)
+        # No await comes between queueing the futures and writing the bytes
+        # (redis-py's send_packed_command writes before its first await when
+        # connected, without a health check): replies pair with callers in
+        # the order written.
+        try:
+            await self._connection.send_packed_command(data, check_health=False)
+        except asyncio.CancelledError:
+            raise  # cancelled while the written bytes drain: the lane is still in step
+        except BaseException as error:
+            self._fail(error)
+            raise
+        return futures
+
+    async def _read(self) -> None:
+        connection, pending = self._connection, self._pending
+        try:
+            while True:
+                try:
+                    # No per-read timeout: the lane's timer bounds the calls.
+                    reply: Any = await connection.read_response(timeout=math.inf, disconnect_on_error=False)
+                except ResponseError as error:
+                    reply = error  # an error reply: the caller's alone, the lane is in step
+                if not pending:
+                    raise RedisConnectionError("a reply came that no call on this connection asked for")
+                _, future = pending.popleft()
+                if not future.done():  # its caller may have been cancelled
+                    if isinstance(reply, ResponseError):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+                if self.retired and not pending:
+                    self._close()
+                    return
+        except asyncio.CancelledError:
+            self._fail(RedisConnectionError("the connection was closed"))
+            raise
+        except BaseException as error:
+            self._fail(error)
+
+    def _check(self) -> None:
+        # Fires at the deadline of the oldest call known when it was set; a
+        # call answered since then leaves the next one to check.
+        self._timer = None
+        if self.closed or not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self._pending[0][0]
+        if deadline <= loop.time():
+            self._fail(TimeoutError(f"no reply within {self.timeout:g}s"))
+        else:
+            self._timer = loop.call_at(deadline, self._check)
+
+    def retire(self) -> None:
+        """Take no new calls; go back to the pool once the calls in flight are answered."""
+        self.retired = True
+        if not self._pending:
+            self._close()
+
+    def _fail(self, error: BaseException) -> None:
+        """Fail every waiting call with ``error`` and close the connection."""
+        if self.closed:
+            return
+        if isinstance(error, asyncio.CancelledError):
+            error = RedisConnectionError("the connection was closed")
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self._close(discard=True)
+
+    def _close(self, *, discard: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        task = asyncio.get_running_loop().create_task(self._give_back(discard))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _give_back(self, discard: bool) -> None:
+        with contextlib.suppress(Exception):
+            if discard:  # replies may still be on their way: never reuse this socket
+                await self._connection.disconnect(nowait=True)
+            await self._pool.release(self._connection)
+
+    async def aclose(self) -> None:
+        """Fail what is in flight and give the connection back (closing the store)."""
+        self._fail(RedisConnectionError("the lock store is closing"))
+        if self._closers:
+            await asyncio.gather(*self._closers, return_exceptions=True)
+
+
+def _join(packed: Any) -> bytes:
+    return packed if isinstance(packed, bytes) else b"".join(packed)
 
 
 class CommandPath:
     """Sends one store's short commands; see the module docstring for the promises.
 
-    ``budget`` bounds the calls in flight (and so the connections they use);
-    ``timeout`` bounds each call, the wait for a slot included. Errors are
-    redis-py's (``RedisError``, ``OSError``) or ``TimeoutError``; the store
-    maps them to ``LockStoreUnavailable``.
+    ``timeout`` bounds each call. ``budget`` bounds the calls in flight of a
+    Cluster client (and so its connections); a standard or Sentinel client
+    uses one connection whatever the number of calls. Errors are redis-py's
+    (``RedisError``, ``OSError``) or ``TimeoutError``; the store maps them to
+    ``LockStoreUnavailable``.
     """
 
-    __slots__ = (
-        "_batches", "_client", "_direct", "_pool", "_queue", "_sending", "_slots", "budget", "timeout"
-    )
+    __slots__ = ("_client", "_direct", "_lane", "_opening", "_pool", "_slots", "budget", "timeout")
 
     def __init__(self, client: RedisClient, *, budget: int, timeout: float) -> None:
         self._client = client
@@ -85,16 +269,19 @@ class CommandPath:
         self.timeout = timeout
         self._slots = asyncio.Semaphore(budget)
         # A standard or Sentinel-managed client talks to one server through
-        # one pool: send on its connections directly (no retry loop).
+        # one pool: pipeline on one of its connections (no retry loop).
         self._direct = isinstance(client, aioredis.Redis) and client.connection_pool is not None
-        self._pool = client.connection_pool if isinstance(client, aioredis.Redis) else None
-        self._sending = 0
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._batches: set[asyncio.Task[None]] = set()
+        self._pool: ConnectionPool | None = (
+            client.connection_pool if isinstance(client, aioredis.Redis) else None
+        )
+        self._lane: _Lane | None = None
+        self._opening: asyncio.Lock | None = None
 
     @property
     def in_flight(self) -> int:
-        """Calls holding a slot now (for ``statistics()``)."""
+        """Calls sent and not yet answered (for ``statistics()``)."""
+        if self._direct:
+            return self._lane.in_flight if self._lane is not None else 0
         return self.budget - self._slots._value
 
     async def evalsha(self, script: LuaScript, key: str, *args: Any) -> Any:
@@ -103,20 +290,17 @@ class CommandPath:
 
     async def evalsha_keys(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run ``script`` with several declared keys (all in one hash slot), as :meth:`evalsha`."""
-        async with asyncio.timeout(self.timeout):
-            async with self._slots:
-                try:
-                    return await self._one("EVALSHA", script.sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    # A restarted or failed-over server forgot our scripts. (As
-                    # one word, "SCRIPT LOAD" goes to every node of a cluster.)
-                    await self._one("SCRIPT LOAD", script.source)
-                    return await self._one("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self._one(("EVALSHA", script.sha, len(keys), *keys, *args))
+        except NoScriptError:
+            # A restarted or failed-over server forgot our scripts. (As one
+            # word, "SCRIPT LOAD" goes to every node of a cluster.)
+            await self._one(("SCRIPT LOAD", script.source))
+            return await self._one(("EVALSHA", script.sha, len(keys), *keys, *args))
 
     async def call(self, *args: Any) -> Any:
         """Run one plain command (PING, DOORBELL's EVALSHA, ...)."""
-        async with asyncio.timeout(self.timeout), self._slots:
-            return await self._one(*args)
+        return await self._one(args)
 
     async def pipeline(self, calls: Sequence[tuple[LuaScript, str, Sequence[Any]]]) -> list[Any]:
         """Run several scripts in one round trip; each reply or error is returned in order.
@@ -124,120 +308,76 @@ class CommandPath:
         A script the server forgot is loaded and the batch sent once more:
         nothing in it ran, since every call in it failed the same way.
         """
-        async with asyncio.timeout(self.timeout), self._slots:
-            for attempt in range(2):
-                replies = await self._batch(
-                    [("EVALSHA", script.sha, 1, key, *args) for script, key, args in calls]
-                )
-                missing = {
-                    script.name: script
-                    for (script, _, _), reply in zip(calls, replies, strict=True)
-                    if isinstance(reply, NoScriptError)
-                }
-                if attempt == 0 and missing:
-                    for script in missing.values():
-                        await self._one("SCRIPT LOAD", script.source)
-                    continue
-                return replies
+        for attempt in range(2):
+            commands = [("EVALSHA", script.sha, 1, key, *args) for script, key, args in calls]
+            replies = await self._many(commands)
+            missing = {
+                script.name: script
+                for (script, _, _), reply in zip(calls, replies, strict=True)
+                if isinstance(reply, NoScriptError)
+            }
+            if attempt == 0 and missing:
+                for script in missing.values():
+                    await self._one(("SCRIPT LOAD", script.source))
+                continue
+            return replies
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _one(self, *args: Any) -> Any:
+    async def _one(self, args: tuple[Any, ...]) -> Any:
         if not self._direct:
-            return await self._client.execute_command(*args)
-        if self._sending:
-            # Others are on the wire: join the batch that leaves at the end
-            # of this loop iteration (see "Batching" in the module docstring).
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[Any] = loop.create_future()
-            if not self._queue:
-                loop.call_soon(self._flush)
-            self._queue.append((args, future))
-            return await future
-        self._sending += 1
-        try:
-            return await self._send_one(args)
-        finally:
-            self._sending -= 1
+            async with asyncio.timeout(self.timeout), self._slots:
+                return await self._client.execute_command(*args)
+        lane = self._lane
+        if lane is None or not lane.usable():
+            lane = await self._open()
+        (future,) = await lane.send((args,))
+        return await future
 
-    def _flush(self) -> None:
-        # A caller cancelled before its batch left is dropped: its command never
-        # runs, which its store's clean-up (withdraw by draw ID) copes with.
-        batch = [(args, future) for args, future in self._queue if not future.done()]
-        self._queue = []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
-
-    async def _send_batch(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        """Send ``batch`` in one write on one connection; give each caller its own reply or error.
-
-        Runs in a task of its own, so a caller's cancellation or timeout
-        never leaves a reply unread on the connection; the batch as a whole
-        is bounded by ``timeout`` and fails every caller still waiting.
-        """
-        self._sending += 1
-        try:
-            async with asyncio.timeout(self.timeout):
-                replies = await self._batch([args for args, _ in batch])
-            for (_, future), reply in zip(batch, replies, strict=True):
-                if future.done():
-                    continue
-                if isinstance(reply, ResponseError):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
-        except Exception as error:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-        except BaseException:
-            for _, future in batch:
-                future.cancel()
-            raise
-        finally:
-            self._sending -= 1
-
-    async def _send_one(self, args: tuple[Any, ...]) -> Any:
-        pool = self._pool
-        assert pool is not None
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_command(*args)
-            return await conn.read_response()
-        except ResponseError:
-            raise  # an error reply: the connection is in step and reusable
-        except BaseException:
-            # No reply, or one still on its way: never hand this socket on.
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
-
-    async def _batch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def _many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         if not self._direct:
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            result: list[Any] = await pipe.execute(raise_on_error=False)
-            return result
-        pool = self._pool
-        assert pool is not None
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(conn.pack_commands(commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as error:
-                    replies.append(error)
-            return replies
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
+            async with asyncio.timeout(self.timeout), self._slots:
+                pipe = self._client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                result: list[Any] = await pipe.execute(raise_on_error=False)
+                return result
+        lane = self._lane
+        if lane is None or not lane.usable():
+            lane = await self._open()
+        futures = await lane.send(commands)
+        replies: list[Any] = []
+        for future in futures:
+            try:
+                replies.append(await future)
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+
+    async def _open(self) -> _Lane:
+        """The usable lane, opening one (a pooled connection, within ``timeout``) if there is none."""
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with asyncio.timeout(self.timeout), self._opening:
+            lane = self._lane
+            if lane is not None and lane.usable():
+                return lane
+            pool = self._pool
+            assert pool is not None
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                if not connection.is_connected:
+                    await connection.connect()
+            except BaseException:
+                await pool.release(connection)
+                raise
+            self._lane = lane = _Lane(pool, connection, self.timeout)
+            return lane
+
+    async def aclose(self) -> None:
+        """Close the lane, failing the calls still in flight (the store is closing)."""
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.aclose()
 
 
 def retries_on_timeout(client: RedisClient) -> bool:

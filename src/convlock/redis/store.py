@@ -1240,6 +1240,9 @@ class RedisLockStore(LockStore):
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        # After the background releases, which use it: the pipelined
+        # connection goes back to the pool (a client passed in stays usable).
+        await self._commands.aclose()
         if self._owns_client:
             await self._client.aclose()
 
