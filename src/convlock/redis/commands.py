@@ -109,8 +109,8 @@ class _Lane:
     its pool). It never carries a call after either.
     """
 
-    __slots__ = ("_closers", "_connection", "_pack", "_pending", "_pool", "_reader", "_timer",
-                 "closed", "retired", "timeout")
+    __slots__ = ("_closers", "_connection", "_out", "_pack", "_pending", "_pool", "_reader", "_timer",
+                 "_writing", "closed", "retired", "timeout")
 
     def __init__(self, pool: ConnectionPool, connection: AbstractConnection, timeout: float) -> None:
         self._pool = pool
@@ -120,6 +120,9 @@ class _Lane:
         # (deadline, future) per written command, oldest first: replies come in this order.
         self._pending: deque[tuple[float, asyncio.Future[Any]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        # Packed commands not yet written, and whether a caller will write them.
+        self._out: list[bytes] = []
+        self._writing = False
         self.closed = False
         self.retired = False
         self._closers: set[asyncio.Task[None]] = set()
@@ -141,27 +144,43 @@ class _Lane:
         return True
 
     async def send(self, commands: Sequence[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
-        """Write ``commands`` in one write; return one future per command, resolved with its reply."""
+        """Queue ``commands`` for this loop iteration's write; return one future per command.
+
+        Each future is resolved with its command's reply (or error reply).
+        The first caller of an iteration lets the others of the same
+        iteration queue theirs, then writes them all at once.
+        """
         loop = asyncio.get_running_loop()
         pack = self._pack
-        data = b"".join(_join(pack(args)) for args in commands)
         deadline = loop.time() + self.timeout
         futures = [loop.create_future() for _ in commands]
-        pending = self._pending
-        pending.extend((deadline, future) for future in futures)
+        # The bytes and the futures are queued together, so the n-th reply
+        # read is the n-th future's.
+        self._out.extend(_join(pack(args)) for args in commands)
+        self._pending.extend((deadline, future) for future in futures)
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._check)
-        # No await comes between queueing the futures and writing the bytes
-        # (redis-py's send_packed_command writes before its first await when
-        # connected, without a health check): replies pair with callers in
-        # the order written.
+        if self._writing:
+            return futures
+        self._writing = True
         try:
-            await self._connection.send_packed_command(data, check_health=False)
-        except asyncio.CancelledError:
-            raise  # cancelled while the written bytes drain: the lane is still in step
-        except BaseException as error:
-            self._fail(error)
-            raise
+            # One write system call per loop iteration rather than one per
+            # command: on loopback the sender pays the receiver's TCP work
+            # too, and writes were the largest single cost on this path.
+            await asyncio.sleep(0)
+        finally:
+            self._writing = False
+            data, self._out = b"".join(self._out), []
+            # A cancelled flusher still writes: the other callers' commands
+            # are in this write, and their futures wait for the replies.
+            if not self.closed:
+                try:
+                    await self._connection.send_packed_command(data, check_health=False)
+                except asyncio.CancelledError:
+                    raise  # cancelled while the written bytes drain: the lane is still in step
+                except BaseException as error:
+                    self._fail(error)
+                    raise
         return futures
 
     async def _read(self) -> None:
