@@ -143,25 +143,35 @@ class _Lane:
             return False
         return True
 
-    async def send(self, commands: Sequence[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+    def queue(self, commands: Sequence[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         """Queue ``commands`` for this loop iteration's write; return one future per command.
 
-        Each future is resolved with its command's reply (or error reply).
+        Each future is resolved with its command's reply (or error reply),
+        or fails with the lane. The caller must then ``await flush()``.
+        """
+        loop = asyncio.get_running_loop()
+        pack, out, pending = self._pack, self._out, self._pending
+        deadline = loop.time() + self.timeout
+        futures = []
+        # The bytes and the futures are queued together, so the n-th reply
+        # read is the n-th future's.
+        for args in commands:
+            future = loop.create_future()
+            out.append(_join(pack(args)))
+            pending.append((deadline, future))
+            futures.append(future)
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._check)
+        return futures
+
+    async def flush(self) -> None:
+        """Write what this loop iteration queued, unless another caller of the iteration will.
+
         The first caller of an iteration lets the others of the same
         iteration queue theirs, then writes them all at once.
         """
-        loop = asyncio.get_running_loop()
-        pack = self._pack
-        deadline = loop.time() + self.timeout
-        futures = [loop.create_future() for _ in commands]
-        # The bytes and the futures are queued together, so the n-th reply
-        # read is the n-th future's.
-        self._out.extend(_join(pack(args)) for args in commands)
-        self._pending.extend((deadline, future) for future in futures)
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._check)
         if self._writing:
-            return futures
+            return
         self._writing = True
         try:
             # One write system call per loop iteration rather than one per
@@ -173,15 +183,22 @@ class _Lane:
             data, self._out = b"".join(self._out), []
             # A cancelled flusher still writes: the other callers' commands
             # are in this write, and their futures wait for the replies.
-            if not self.closed:
+            if data and not self.closed:
+                connection = self._connection
+                if not connection.is_connected:
+                    # redis-py would reconnect inside send_packed_command, and
+                    # the new socket's replies would pair with the old one's
+                    # callers: fail the lane instead.
+                    error = RedisConnectionError("the connection closed before the commands were written")
+                    self._fail(error)
+                    raise error
                 try:
-                    await self._connection.send_packed_command(data, check_health=False)
+                    await connection.send_packed_command(data, check_health=False)
                 except asyncio.CancelledError:
                     raise  # cancelled while the written bytes drain: the lane is still in step
                 except BaseException as error:
                     self._fail(error)
                     raise
-        return futures
 
     async def _read(self) -> None:
         connection, pending = self._connection, self._pending
@@ -349,7 +366,8 @@ class CommandPath:
         lane = self._lane
         if lane is None or not lane.usable():
             lane = await self._open()
-        (future,) = await lane.send((args,))
+        (future,) = lane.queue((args,))
+        await lane.flush()
         return await future
 
     async def _many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -363,7 +381,8 @@ class CommandPath:
         lane = self._lane
         if lane is None or not lane.usable():
             lane = await self._open()
-        futures = await lane.send(commands)
+        futures = lane.queue(commands)
+        await lane.flush()
         replies: list[Any] = []
         for future in futures:
             try:
