@@ -125,3 +125,12 @@ async def test_a_connection_marked_for_reconnect_takes_no_new_calls(client: aior
     assert await path.call("CLIENT", "ID") != first_id
     assert lane.closed, "the old lane went back to its pool once drained"
     await path.aclose()
+
+
+async def test_the_lane_writes_directly_with_this_redis_py(client: aioredis.Redis) -> None:
+    """The fast write path depends on redis-py keeping a StreamWriter per connection: fail if it stops."""
+    path = CommandPath(client, budget=8, timeout=5)
+    assert await path.call("PING")
+    assert path._lane is not None
+    assert path._lane.writes_directly
+    await path.aclose()
