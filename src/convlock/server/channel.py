@@ -208,7 +208,6 @@ async def process_message(
         )
     ctx.waiting[cid] = waiting + 1
     queued = True
-    metrics.in_flight.inc()
     ctx.in_flight += 1
     ctx.idle.clear()
     outcome = "ok"
@@ -292,7 +291,6 @@ async def process_message(
         if queued:
             _unqueue(ctx, cid)
         metrics.messages.labels(outcome).inc()
-        metrics.in_flight.dec()
         ctx.in_flight -= 1
         if not ctx.in_flight:
             ctx.idle.set()
