@@ -361,7 +361,9 @@ async def _locked(
         len(record.events) if record.event_count is None else record.event_count,
         pager,
     )
-    timeout = asyncio.timeout(ctx.handler_timeout)
+    # One timer shared by every message's handler call, not one each (see .deadlines).
+    deadlines = ctx.handler_deadlines
+    timeout = asyncio.timeout(None) if deadlines is None else deadlines.timeout()
     try:
         async with timeout:
             result = await ctx.handler(message, conversation)
