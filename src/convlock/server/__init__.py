@@ -4,7 +4,8 @@ Modules, in the order data flows: ``options`` (flags and endpoints.yml to
 stores), ``tracker``/``redis_tracker``/``redis_tracker_scripts``/``tracker_factory``
 (conversation state, message IDs), ``handlers``/``conversation`` (the handler protocol), ``validation``
 and ``channel`` (the webhook), ``admin`` (health, locks, tracker, metrics),
-``metrics``, ``openapi``, and ``app`` (the Starlette app).
+``metrics``, ``openapi``, ``webhook_asgi`` (the chat channel answered in
+raw ASGI in front of the app, the hot route) and ``app`` (the Starlette app).
 """
 
 from __future__ import annotations

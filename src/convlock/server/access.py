@@ -44,7 +44,7 @@ import hmac
 import ipaddress
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -58,20 +58,25 @@ from .validation import MAX_BODY_BYTES
 
 __all__ = [
     "FORCE_PUBLIC_ENV",
+    "NOSNIFF",
     "OPEN_ROUTES",
     "SIGNATURE_HEADER",
     "Access",
     "AccessMiddleware",
     "AccessSettings",
+    "WEBHOOK_PATH",
+    "admit_webhook",
     "is_loopback_host",
     "is_trusted",
     "sign_body",
+    "with_nosniff",
 ]
 
 #: Set to 1 to treat a loopback bind as public (tests on machines with only a loopback address).
 FORCE_PUBLIC_ENV = "CONVLOCK_TREAT_BIND_AS_PUBLIC"
 #: The header that carries the webhook body's HMAC: ``sha256=<hex digest>``.
 SIGNATURE_HEADER = "X-Convlock-Signature"
+#: The chat channel's path.
 WEBHOOK_PATH = "/webhooks/rest/webhook"
 
 #: (method, route template) pairs anyone may call. Everything else is closed.
@@ -286,59 +291,83 @@ class AccessMiddleware:
         await self.app(scope, receive, send)
 
     async def _webhook(self, scope: Scope, receive: Receive, send: Send, given: str | None) -> None:
-        token, secret = self.settings.webhook_token, self.settings.webhook_hmac_secret
-        if token is None and secret is None:
-            await self.app(scope, receive, send)
-            return
-        if token is not None and _same(given, token):
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        signature = headers.get(SIGNATURE_HEADER)
-        if secret is None or signature is None:
-            await _unauthorized(given, "--webhook-token", signed=secret is not None)(scope, receive, send)
-            return
-        # Read the whole body (bounded) before the channel sees any of it.
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            await self.app(scope, receive, send)  # refused by its declared length, unread
-            return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left; nobody reads an answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                await error_response(
-                    413, "body_too_large", f"the body exceeds the limit of {MAX_BODY_BYTES} bytes (1 MiB)"
-                )(scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = bool(message.get("more_body", False))
-        body = b"".join(chunks)
-        expected = sign_body(secret, body).encode("ascii")
-        if not hmac.compare_digest(signature.strip().encode("utf-8", "replace"), expected):
-            await error_response(
-                401,
-                "unauthorized",
-                f"the {SIGNATURE_HEADER} header does not match the body; send 'sha256=' and the hex "
-                "HMAC-SHA256 of the exact body bytes, keyed with the --webhook-hmac-secret",
-            )(scope, receive, send)
-            return
-        replayed = False
+        admitted, refusal = await admit_webhook(self.settings, scope, receive, given)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        elif admitted is not None:
+            await self.app(scope, admitted, send)
+        # else the client left while its body was read; nobody reads an answer
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+async def admit_webhook(
+    settings: AccessSettings, scope: Scope, receive: Receive, given: str | None = None
+) -> tuple[Receive | None, JSONResponse | None]:
+    """Check a chat channel request against ``--webhook-token`` and ``--webhook-hmac-secret``.
+
+    Returns ``(receive, None)`` to let it in (a ``receive`` that replays the
+    body if it was read to check the signature), ``(None, refusal)`` to
+    refuse it, or ``(None, None)`` when the client left while its body was
+    read. ``given`` is the token the request carries, if the caller has
+    already looked it up.
+    """
+    token, secret = settings.webhook_token, settings.webhook_hmac_secret
+    if token is None and secret is None:
+        return receive, None
+    if given is None:
+        given = _given_token(scope, _scan_headers(scope)[0])
+    if token is not None and _same(given, token):
+        return receive, None
+    headers = Headers(scope=scope)
+    signature = headers.get(SIGNATURE_HEADER)
+    if secret is None or signature is None:
+        return None, _unauthorized(given, "--webhook-token", signed=secret is not None)
+    # Read the whole body (bounded) before the channel sees any of it.
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return receive, None  # refused by the channel by its declared length, unread
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, None  # the client left; nobody reads an answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None, error_response(
+                413, "body_too_large", f"the body exceeds the limit of {MAX_BODY_BYTES} bytes (1 MiB)"
+            )
+        chunks.append(chunk)
+        more = bool(message.get("more_body", False))
+    body = b"".join(chunks)
+    expected = sign_body(secret, body).encode("ascii")
+    if not hmac.compare_digest(signature.strip().encode("utf-8", "replace"), expected):
+        return None, error_response(
+            401,
+            "unauthorized",
+            f"the {SIGNATURE_HEADER} header does not match the body; send 'sha256=' and the hex "
+            "HMAC-SHA256 of the exact body bytes, keyed with the --webhook-hmac-secret",
+        )
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay, None
+
+
+#: The header every response carries (see :func:`with_nosniff`).
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+def with_nosniff(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Raw ASGI ``headers`` with any ``X-Content-Type-Options`` replaced by ``nosniff``, last."""
+    return [*((k, v) for k, v in headers if k.lower() != NOSNIFF[0]), NOSNIFF]
 
 
 def _nosniff(send: Send) -> Send:
@@ -350,9 +379,7 @@ def _nosniff(send: Send) -> Send:
 
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            name = b"x-content-type-options"
-            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != name]
-            message = {**message, "headers": [*headers, (name, b"nosniff")]}
+            message = {**message, "headers": with_nosniff(message.get("headers", []))}
         await send(message)
 
     return wrapped

@@ -25,14 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..observe import LockEventLog
-from ..redact import exception_summary, install_log_redaction
+from ..redact import install_log_redaction
 from . import admin, status
 from .access import AccessMiddleware
 from .channel import webhook
 from .context import ServerContext
 from .openapi import openapi_document
 from .options import ServerOptions, build_context
-from .responses import ApiError, JSONResponse, error_response
+from .responses import ApiError, JSONResponse, error_response, unexpected_error_response
+from .webhook_asgi import WebhookFastPath
 
 __all__ = ["app_from_environment", "build_app", "tune_gc_for_serving"]
 
@@ -116,10 +117,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    # The message may quote request data; it goes to the debug log only.
-    logger.error("unexpected error on %s %s: %s", request.method, request.url.path, exception_summary(exc))
-    logger.debug("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log")
+    return unexpected_error_response(request.method, request.url.path, exc)
 
 
 class _ConversationIdConvertor(Convertor[str]):
@@ -164,8 +162,25 @@ def _routes() -> list[BaseRoute]:
     ]
 
 
-def build_app(ctx: ServerContext) -> Starlette:
-    """The ASGI app serving ``ctx``; it closes ``ctx``'s stores on shutdown."""
+class _App(Starlette):
+    """Starlette, with the chat channel's messages answered in front of it by :mod:`.webhook_asgi`."""
+
+    fast_path: WebhookFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast_path = self.fast_path
+        if fast_path is not None and fast_path.serves(scope):
+            await fast_path(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def build_app(ctx: ServerContext, *, fast_webhook: bool = True) -> Starlette:
+    """The ASGI app serving ``ctx``; it closes ``ctx``'s stores on shutdown.
+
+    ``fast_webhook=False`` leaves the chat channel to the Starlette route
+    too (the tests compare the two paths' answers).
+    """
     ctx.metrics.bind_stores(ctx.lock_store.statistics, ctx.tracker_store.statistics)
     # The library's lock collectors and event log, fed by the store itself.
     ctx.lock_store.add_observer(ctx.metrics.locks)
@@ -189,7 +204,7 @@ def build_app(ctx: ServerContext) -> Starlette:
         await ctx.tracker_store.aclose()
         logger.info("stores closed")
 
-    app = Starlette(
+    app = _App(
         routes=_routes(),
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
@@ -200,6 +215,8 @@ def build_app(ctx: ServerContext) -> Starlette:
     # route list, so routes added after this line are closed by default too.
     app.add_middleware(AccessMiddleware, routes=app.routes, settings=ctx.access)
     app.add_middleware(_MetricsMiddleware, ctx=ctx)
+    if fast_webhook:
+        app.fast_path = WebhookFastPath(ctx)
     return app
 
 

@@ -62,6 +62,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope
 
 from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from ..redact import exception_summary
@@ -81,7 +82,7 @@ from .validation import (
     webhook_headers,
 )
 
-__all__ = ["Processed", "process_message", "webhook"]
+__all__ = ["Processed", "answer_webhook", "process_message", "webhook"]
 
 #: Status of a message released because its client had gone (nginx's "client closed request").
 CLIENT_GONE = 499
@@ -119,29 +120,47 @@ class _Timing:
         self.parts: dict[str, float] = {}
 
     def header(self) -> str:
-        return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in self.parts.items())
+        """The ``Server-Timing`` value: ``name;dur=<ms>`` for each part, in the order they were timed."""
+        # A list, not a generator: join() builds one from a generator first
+        # anyway, and resuming the generator per item cost 2.4 us a message
+        # (5.3 vs 2.9 us for the six parts).
+        return ", ".join([f"{name};dur={seconds * 1000:.3f}" for name, seconds in self.parts.items()])
 
 
 async def webhook(request: Request) -> Response:
-    """Validate the body, process the message, answer with the handler's responses."""
+    """The Starlette endpoint: :func:`answer_webhook` as a :class:`Response`.
+
+    ``convlock run`` answers this route on :mod:`.webhook_asgi`'s raw ASGI
+    path instead; this endpoint serves the requests that path leaves to the
+    router (see there).
+    """
     ctx: ServerContext = request.app.state.ctx
-    timeout_header, idempotency_key = webhook_headers(request)
+    body, headers = await answer_webhook(ctx, request.scope, request.receive)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+async def answer_webhook(ctx: ServerContext, scope: Scope, receive: Receive) -> tuple[bytes, dict[str, str]]:
+    """Validate the body, process the message; the 200 reply's JSON body and extra headers.
+
+    Any other outcome raises :class:`ApiError` with the status and reason to answer.
+    """
+    timeout_header, idempotency_key, content_length = webhook_headers(scope)
     deadline = request_deadline(timeout_header, time.monotonic())
-    body = await read_body(request)
+    body = await read_body(receive, content_length)
     payload = validate_webhook(parse_json(body))
     message_id = message_id_of(payload, idempotency_key)
     message = Message(payload.sender, payload.message, payload.metadata or {}, message_id)
     timing = _Timing()
-    gone = None if ctx.process_abandoned else _disconnect_check(request)
+    gone = None if ctx.process_abandoned else _disconnect_check(receive)
     processed = await process_message(ctx, message, timing, deadline=deadline, client_gone=gone)
     headers = {"Server-Timing": timing.header()}
     if processed.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return Response(processed.body, media_type="application/json", headers=headers)
+    return processed.body, headers
 
 
-def _disconnect_check(request: Request) -> Callable[[], Awaitable[bool]]:
-    """Whether the client of ``request`` has disconnected, without waiting.
+def _disconnect_check(receive: Receive) -> Callable[[], Awaitable[bool]]:
+    """Whether the client behind ASGI ``receive`` has disconnected, without waiting.
 
     :func:`.disconnect.client_disconnected` polls the ASGI ``receive``
     channel once (not Starlette's ``is_disconnected``: see there why);
@@ -153,7 +172,7 @@ def _disconnect_check(request: Request) -> Callable[[], Awaitable[bool]]:
 
     async def gone() -> bool:
         await asyncio.sleep(0)
-        return await client_disconnected(request)
+        return await client_disconnected(receive)
 
     return gone
 
@@ -189,7 +208,6 @@ async def process_message(
         )
     ctx.waiting[cid] = waiting + 1
     queued = True
-    metrics.in_flight.inc()
     ctx.in_flight += 1
     ctx.idle.clear()
     outcome = "ok"
@@ -273,7 +291,6 @@ async def process_message(
         if queued:
             _unqueue(ctx, cid)
         metrics.messages.labels(outcome).inc()
-        metrics.in_flight.dec()
         ctx.in_flight -= 1
         if not ctx.in_flight:
             ctx.idle.set()
@@ -344,7 +361,9 @@ async def _locked(
         len(record.events) if record.event_count is None else record.event_count,
         pager,
     )
-    timeout = asyncio.timeout(ctx.handler_timeout)
+    # One timer shared by every message's handler call, not one each (see .deadlines).
+    deadlines = ctx.handler_deadlines
+    timeout = asyncio.timeout(None) if deadlines is None else deadlines.timeout()
     try:
         async with timeout:
             result = await ctx.handler(message, conversation)

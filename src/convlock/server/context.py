@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..store import LockStore
 from .access import AccessSettings
+from .deadlines import SharedDeadlines
 from .handlers import Handler
 from .message_path import MessagePath, choose_message_path
 from .metrics import ServerMetrics
@@ -33,6 +34,8 @@ class ServerContext:
     ``message_ids`` says whether the tracker store remembers message IDs.
     ``path`` is how a message locks, loads and saves its conversation
     (:func:`~.message_path.choose_message_path` picks it from the stores).
+    ``handler_deadlines`` bounds handler calls to ``handler_timeout`` with one
+    shared timer (None without a bound; see :mod:`.deadlines`).
     """
 
     lock_store: LockStore
@@ -49,6 +52,7 @@ class ServerContext:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     message_ids: bool = field(init=False, default=True)
     path: MessagePath = field(init=False)
+    handler_deadlines: SharedDeadlines | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -56,3 +60,9 @@ class ServerContext:
             self.access = dataclasses.replace(self.access, auth_token=self.auth_token)
         self.message_ids = supports_message_ids(self.tracker_store)
         self.path = choose_message_path(self.lock_store, self.tracker_store)
+        if self.handler_timeout is not None:
+            self.handler_deadlines = SharedDeadlines(self.handler_timeout)
+        # The gauge reads the count at scrape time: nothing to update per message
+        # (an inc() and a dec(), each taking prometheus_client's lock, were two
+        # of the dozen metric updates a message made).
+        self.metrics.in_flight.set_function(lambda: self.in_flight)

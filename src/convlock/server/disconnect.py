@@ -26,19 +26,19 @@ import inspect
 from typing import Any
 
 import anyio
-from starlette.requests import Request
+from starlette.types import Receive
 
 __all__ = ["client_disconnected"]
 
 
-async def client_disconnected(request: Request) -> bool:
-    """Whether the client of ``request`` has disconnected, asked without waiting (read the body first).
+async def client_disconnected(receive: Receive) -> bool:
+    """Whether the client behind ASGI ``receive`` has gone, asked without waiting (read the body first).
 
     As with ``Request.is_disconnected``, a message other than
     ``http.disconnect`` that happens to be ready is consumed and dropped.
     Unlike it, nothing is remembered: call it once.
     """
-    pending = request.receive()
+    pending = receive()
     if inspect.iscoroutine(pending):
         try:
             pending.send(None)

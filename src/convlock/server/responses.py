@@ -6,13 +6,17 @@ Starlette's own 404/405) into ``{"error": <code>, "reason": <text>}``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.responses import Response
 
+from ..redact import exception_summary
 from .jsontext import dumps_ascii
 
-__all__ = ["ApiError", "JSONResponse", "error_response", "render_json"]
+__all__ = ["ApiError", "JSONResponse", "error_response", "render_json", "unexpected_error_response"]
+
+logger = logging.getLogger("convlock.server")
 
 
 def render_json(content: Any) -> bytes:
@@ -55,3 +59,11 @@ def error_response(
 ) -> JSONResponse:
     """``{"error": error, "reason": reason}`` with ``status_code``."""
     return JSONResponse({"error": error, "reason": reason}, status_code=status_code, headers=headers)
+
+
+def unexpected_error_response(method: str, path: str, exc: Exception) -> JSONResponse:
+    """Log an exception no endpoint turned into an :class:`ApiError`; the 500 that answers it."""
+    # The message may quote request data; it goes to the debug log only.
+    logger.error("unexpected error on %s %s: %s", method, path, exception_summary(exc))
+    logger.debug("unexpected error on %s %s", method, path, exc_info=exc)
+    return error_response(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log")

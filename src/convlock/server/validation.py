@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-from starlette.requests import Request
+from starlette.types import Receive, Scope
 
 from ..ids import check_conversation_id
 from .responses import ApiError
@@ -26,6 +26,7 @@ from .tracker import check_message_id
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_JSON_DEPTH",
+    "WebhookHeaders",
     "WebhookRequest",
     "message_id_of",
     "parse_json",
@@ -45,9 +46,11 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_JSON_DEPTH = 100
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, or :class:`ApiError` 413 once it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+async def read_body(receive: Receive, declared: str | None, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body from ASGI ``receive``, or :class:`ApiError` 413 once it is known to exceed ``limit`` bytes.
+
+    ``declared`` is the request's ``Content-Length`` header (None without one).
+    """
     if declared is not None:
         try:
             size = int(declared)
@@ -59,7 +62,6 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             )
     # ASGI's receive() directly, as Request.stream() would call it, without
     # the async generator around it (a chat message is one chunk).
-    receive = request.receive
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -221,21 +223,32 @@ def message_id_of(payload: WebhookRequest, idempotency_key: str | None) -> str |
     return idempotency_key
 
 
-def webhook_headers(request: Request) -> tuple[str | None, str | None]:
-    """The request's ``X-Request-Timeout`` and ``Idempotency-Key`` (the first of each, or None).
+class WebhookHeaders(NamedTuple):
+    """The request headers the chat channel reads (the first of each name, or None)."""
 
-    One pass over the raw (lower-case) names: ``request.headers.get`` scans
-    once per name and raises and catches a KeyError for each absent one,
-    and chat clients rarely send either (5.9 vs 0.4 us here).
+    request_timeout: str | None
+    idempotency_key: str | None
+    content_length: str | None
+
+
+def webhook_headers(scope: Scope) -> WebhookHeaders:
+    """The request's ``X-Request-Timeout``, ``Idempotency-Key`` and ``Content-Length``.
+
+    One pass over the raw (lower-case) names: Starlette's ``headers.get``
+    scans once per name and raises and catches a KeyError for each absent
+    one, and chat clients rarely send the first two (5.9 vs 0.4 us here).
     """
-    timeout = key = None
-    for name, value in request.scope["headers"]:
-        if name == b"x-request-timeout":
+    timeout = key = length = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if length is None:
+                length = value.decode("latin-1")
+        elif name == b"x-request-timeout":
             if timeout is None:
                 timeout = value.decode("latin-1")
         elif name == b"idempotency-key" and key is None:
             key = value.decode("latin-1")
-    return timeout, key
+    return WebhookHeaders(timeout, key, length)
 
 
 def request_deadline(header: str | None, arrived: float) -> float | None:
