@@ -298,7 +298,8 @@ class RedisTrackerStore(TrackerStore):
         return TrackerRecord(
             conversation_id,
             events=JsonEvents([event for event in events if event]),
-            state=json.loads(state) if state else {},
+            # bytes from Redis: json.loads would first guess their encoding (in Python)
+            state=json.loads(state.decode() if type(state) is bytes else state) if state else {},
             ticket=int(ticket),
             fence=int(fence),
             event_count=int(count),

@@ -114,6 +114,12 @@ class TrackerNotReplicated(TrackerStoreUnavailable):
     """
 
 
+def _decode(text: str | bytes) -> Any:
+    # Redis gives bytes, and json.loads would first guess their encoding in
+    # Python code; they are UTF-8, as we stored them.
+    return json.loads(text.decode() if type(text) is bytes else text)
+
+
 class JsonEvents(Sequence[dict[str, Any]]):
     """Events kept as the JSON text they are stored as, decoded one by one when read.
 
@@ -142,12 +148,12 @@ class JsonEvents(Sequence[dict[str, Any]]):
     def __getitem__(self, index: int | slice) -> dict[str, Any] | JsonEvents:
         if isinstance(index, slice):
             return JsonEvents(self._texts[index])
-        event: dict[str, Any] = json.loads(self._texts[index])
+        event: dict[str, Any] = _decode(self._texts[index])
         return event
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for text in self._texts:
-            yield json.loads(text)
+            yield _decode(text)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence) and not isinstance(other, str | bytes):
