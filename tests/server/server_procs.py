@@ -147,21 +147,38 @@ def start_server(
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), environment.get("PYTHONPATH")]))
     environment.update(env or {})
-    log_path = log_dir / f"convlock-{port}.log"
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    _live[popen.pid] = popen
-    server = ServerProcess(
-        popen, port, log_path, host=host or "127.0.0.1", scheme="https" if tls_ca else "http",
+    return launch(
+        argv, log_dir / f"convlock-{port}.log", port, env=environment, wait=wait,
+        host=host or "127.0.0.1", scheme="https" if tls_ca else "http",
         verify=ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True,
     )
+
+
+def launch(
+    argv: list[str],
+    log_path: Path,
+    port: int,
+    *,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    **server: Any,
+) -> ServerProcess:
+    """Start ``argv`` (an HTTP server on ``port``), logging to ``log_path``; wait until it is ready.
+
+    ``server`` goes to :class:`ServerProcess` (host, scheme, verify). The
+    process is killed at exit if a test leaves it running.
+    """
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    _live[popen.pid] = popen
+    process = ServerProcess(popen, port, log_path, **server)
     if wait:
         try:
-            server.wait_ready()
+            process.wait_ready()
         except BaseException:
-            server.kill()
+            process.kill()
             raise
-    return server
+    return process
 
 
 async def all_events(url: str, **client_options: Any) -> list[dict[str, Any]]:

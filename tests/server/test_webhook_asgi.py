@@ -14,7 +14,6 @@ in ``/metrics``. Every other test in this folder runs against
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from server_procs import HERE, ServerProcess, start_server
+from server_procs import HERE, ServerProcess, launch, start_server
 
 import redis_procs
 from convlock.memory import InMemoryLockStore
@@ -41,42 +40,12 @@ SECRET = "fast-path-hmac-secret-9d0e"
 
 def _starlette_server(log_dir: Path, *args: str) -> ServerProcess:
     port = redis_procs.free_port()
-    log_path = log_dir / f"starlette-{port}.log"
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            [sys.executable, str(HERE / "starlette_route_server.py"), "--port", str(port), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServerProcess(popen, port, log_path)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-    return server
+    argv = [sys.executable, str(HERE / "starlette_route_server.py"), "--port", str(port), *args]
+    return launch(argv, log_dir / f"starlette-{port}.log", port)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """(convlock run, the Starlette route) with no webhook credentials."""
-    log_dir = tmp_path_factory.mktemp("plain")
-    fast = start_server(log_dir)
-    try:
-        reference = _starlette_server(log_dir)
-        try:
-            yield fast, reference
-        finally:
-            reference.stop()  # uvicorn.run re-raises SIGTERM: -15, where convlock run exits 0
-    finally:
-        assert fast.stop() == 0, fast.log()
-
-
-@pytest.fixture(scope="module")
-def guarded_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """The same pair with ``--webhook-token`` and ``--webhook-hmac-secret``."""
-    log_dir = tmp_path_factory.mktemp("guarded")
-    flags = ("--webhook-token", TOKEN, "--webhook-hmac-secret", SECRET)
+def _pair(log_dir: Path, *flags: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """``convlock run`` and the Starlette route, both started with ``flags``."""
     fast = start_server(log_dir, *flags)
     try:
         reference = _starlette_server(log_dir, *flags)
@@ -86,6 +55,20 @@ def guarded_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
             reference.stop()  # uvicorn.run re-raises SIGTERM: -15, where convlock run exits 0
     finally:
         assert fast.stop() == 0, fast.log()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """(convlock run, the Starlette route) with no webhook credentials."""
+    yield from _pair(tmp_path_factory.mktemp("plain"))
+
+
+@pytest.fixture(scope="module")
+def guarded_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """The same pair with ``--webhook-token`` and ``--webhook-hmac-secret``."""
+    yield from _pair(
+        tmp_path_factory.mktemp("guarded"), "--webhook-token", TOKEN, "--webhook-hmac-secret", SECRET
+    )
 
 
 def _answer(server: ServerProcess, method: str, request: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:

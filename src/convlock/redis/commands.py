@@ -64,7 +64,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -110,7 +110,7 @@ class _Lane:
     its pool). It never carries a call after either.
     """
 
-    __slots__ = ("_closers", "_connection", "_out", "_pack", "_pending", "_pool", "_reader", "_timer",
+    __slots__ = ("_connection", "_out", "_pack", "_pending", "_pool", "_reader", "_tasks", "_timer",
                  "_writing", "closed", "retired", "timeout")
 
     def __init__(self, pool: ConnectionPool, connection: AbstractConnection, timeout: float) -> None:
@@ -126,7 +126,7 @@ class _Lane:
         self._writing = False
         self.closed = False
         self.retired = False
-        self._closers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @property
@@ -200,9 +200,7 @@ class _Lane:
                 self._fail(error)
             return
         # A redis-py whose connections keep their writer elsewhere: its public write, in a task.
-        task = asyncio.get_running_loop().create_task(self._write_async(connection, data))
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
+        self._spawn(self._write_async(connection, data))
 
     @property
     def writes_directly(self) -> bool:
@@ -281,9 +279,13 @@ class _Lane:
             self._timer = None
         if self._reader is not asyncio.current_task():
             self._reader.cancel()
-        task = asyncio.get_running_loop().create_task(self._give_back(discard))
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
+        self._spawn(self._give_back(discard))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        # Kept until done (the loop holds tasks only weakly); aclose() waits for them.
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _give_back(self, discard: bool) -> None:
         with contextlib.suppress(Exception):
@@ -294,8 +296,8 @@ class _Lane:
     async def aclose(self) -> None:
         """Fail what is in flight and give the connection back (closing the store)."""
         self._fail(RedisConnectionError("the lock store is closing"))
-        if self._closers:
-            await asyncio.gather(*self._closers, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _join(packed: Any) -> bytes:
@@ -378,9 +380,7 @@ class CommandPath:
         if not self._direct:
             async with asyncio.timeout(self.timeout), self._slots:
                 return await self._client.execute_command(*args)
-        lane = self._lane
-        if lane is None or not lane.usable():
-            lane = await self._open()
+        lane = await self._current()
         (future,) = lane.queue((args,))
         lane.flush()
         return await future
@@ -393,9 +393,7 @@ class CommandPath:
                     pipe.execute_command(*command)
                 result: list[Any] = await pipe.execute(raise_on_error=False)
                 return result
-        lane = self._lane
-        if lane is None or not lane.usable():
-            lane = await self._open()
+        lane = await self._current()
         futures = lane.queue(commands)
         lane.flush()
         replies: list[Any] = []
@@ -405,6 +403,12 @@ class CommandPath:
             except ResponseError as error:
                 replies.append(error)
         return replies
+
+    async def _current(self) -> _Lane:
+        lane = self._lane
+        if lane is not None and lane.usable():
+            return lane
+        return await self._open()
 
     async def _open(self) -> _Lane:
         """The usable lane, opening one (a pooled connection, within ``timeout``) if there is none."""

@@ -233,22 +233,6 @@ class AccessMiddleware:
             return
         send = _nosniff(send)
         settings = self.settings
-        if (
-            scope["path"] == WEBHOOK_PATH
-            and scope["method"] == "POST"
-            and settings.webhook_token is None
-            and settings.webhook_hmac_secret is None
-            and not scope.get("root_path")
-            and self.routes
-            and getattr(self.routes[0], "path", None) == WEBHOOK_PATH
-        ):
-            # Nearly every request: a message to an unauthenticated chat
-            # channel, the first route of the table. The general path below
-            # would find that route and class it open, with nothing to check;
-            # this skips the route match, header scan and token parsing.
-            # (is_trusted stays False: only GET /health asks it.)
-            await self.app(scope, receive, send)
-            return
         authorization, forwarded = _scan_headers(scope)
         method = scope["method"]
         template, wrong_method = self._route(scope)

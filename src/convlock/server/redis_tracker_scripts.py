@@ -99,10 +99,14 @@ if ttl > 0 then
 end
 """
 
-#: A ticket below the fence is refused; a higher one raises it. Reads the
-#: head (fence, ticket, state, n, u) for READ_RECORD.
-FENCE_RAISE = """
+# The hash's head: fence, ticket, state, n (events ever appended), u (user turns).
+_READ_HEAD = """
 local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u')
+"""
+
+#: A ticket below the fence is refused; a higher one raises it. Reads the
+#: head for READ_RECORD.
+FENCE_RAISE = _READ_HEAD + """
 local fence_text = head[1] or '0'
 if ticket < tonumber(fence_text) then return {0, fence_text} end
 if ticket > tonumber(fence_text) then
@@ -141,10 +145,6 @@ if n > 0 and window > 0 then
   end
 end
 return out
-"""
-
-_READ_HEAD = """
-local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u')
 """
 
 #: The head (FENCE_RAISE read it) and the last `window` events; TTLs restart (the conversation is in use).
