@@ -9,6 +9,7 @@ drops the oldest events one for one.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -149,4 +150,27 @@ async def test_a_handler_sees_the_window_of_a_10000_event_conversation(
         server.stop()
         with redis_server.client() as client:
             for key in client.scan_iter(match="w10k:*"):
+                client.delete(key)
+
+
+
+async def test_the_window_is_the_last_events_whatever_the_save_sizes(redis_server: RedisProcess) -> None:
+    """Saves of 0 to 12 events, below, at and above a window of 7: each load sees exactly the last 7."""
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="sizes")
+    store = RedisTrackerStore(create_client(settings, retries=0), key_prefix="sizes", max_event_history=7)
+    rng = random.Random(5)
+    texts: list[str] = []
+    try:
+        for ticket in range(1, 60):
+            new = [f"t{ticket}e{k}" for k in range(rng.randrange(13))]
+            texts += new
+            events = [{"event": "bot", "text": text} for text in new]
+            await store.save("sizes", ticket=ticket, new_events=events, state={})
+            record = await store.load("sizes", ticket=ticket)
+            assert [e["text"] for e in record.events] == texts[-7:]
+            assert record.event_count == len(texts)
+    finally:
+        await store.aclose()
+        with redis_server.client() as client:
+            for key in client.scan_iter(match="sizes:*"):
                 client.delete(key)

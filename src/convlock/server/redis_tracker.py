@@ -293,8 +293,8 @@ class RedisTrackerStore(TrackerStore):
 
     @staticmethod
     def _record(conversation_id: str, reply: Sequence[Any]) -> TrackerRecord:
-        """A record from a load's reply ``{1, fence, ticket, state, n, u, events...}``."""
-        _, fence, ticket, state, count, turn, *events = reply
+        """A record from a load's reply ``{1, fence, ticket, state, n, u, {events...}}``."""
+        _, fence, ticket, state, count, turn, events = reply
         return TrackerRecord(
             conversation_id,
             events=JsonEvents([event for event in events if event]),

@@ -42,8 +42,9 @@ Keys (all share the conversation's hash tag ``{E}``, hence one Cluster slot):
   ``remember`` entries.
 
 Replies: ``{0, fence}`` a stale ticket; ``{1, fence, ticket, state, n, u,
-events...}`` a load (the last ``window`` events, oldest first; a load reads
-O(window) whatever the conversation's length); ``{2, reply}`` a remembered
+{events...}}`` a load (the last ``window`` events, oldest first, null where
+retention dropped one; a load reads O(window) whatever the conversation's
+length); ``{2, reply}`` a remembered
 message ID; ``{1, n}`` a save's event count.
 
 ``CONFIRM`` serves the replay path when saves must reach replicas: it
@@ -130,21 +131,25 @@ end
 """
 )
 
-# The head and the last `window` events. Events dropped by retention come
-# back as nil (false) and are skipped by the reader.
+# The head and the last `window` events, the events as one nested array:
+# HMGET's reply goes back as it came instead of being copied into the outer
+# table (EVALSHA's usec_per_call on Redis 7.0, 100 events of 153 bytes:
+# 82 -> 75 us). What is left is mostly Lua's: every string that enters a
+# script is hashed whole (a 13 kB argument costs 24 us), and each name
+# 'e:'..i is one more. Events dropped by retention come back as nil (a null
+# bulk), which the reader skips.
 _READ_WINDOW = """
 local n = tonumber(head[4] or '0')
-local out = {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or ''}
+local events = {}
 if n > 0 and window > 0 then
-  local names = {}
+  local names, k = {}, 0
   for i = math.max(1, n - window + 1), n do
-    names[#names + 1] = 'e:' .. i
+    k = k + 1
+    names[k] = 'e:' .. i
   end
-  for _, event in ipairs(redis.call('HMGET', record, unpack(names))) do
-    out[#out + 1] = event or ''
-  end
+  events = redis.call('HMGET', record, unpack(names))
 end
-return out
+return {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or '', events}
 """
 
 #: The head (FENCE_RAISE read it) and the last `window` events; TTLs restart (the conversation is in use).
