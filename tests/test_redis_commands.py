@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from convlock.redis.commands import CommandPath
+from convlock.redis.commands import CommandPath, _parsed_replies
 from redis_procs import RedisProcess
 
 
@@ -133,4 +133,20 @@ async def test_the_lane_writes_directly_with_this_redis_py(client: aioredis.Redi
     assert await path.call("PING")
     assert path._lane is not None
     assert path._lane.writes_directly
+    await path.aclose()
+
+
+async def test_the_lane_reads_batched_replies_from_hiredis_with_this_redis_py(client: aioredis.Redis) -> None:
+    """The drain of parsed replies depends on redis-py's hiredis reader: fail if it stops being found."""
+    path = CommandPath(client, budget=8, timeout=5)
+    assert await path.call("PING")
+    assert path._lane is not None
+    assert _parsed_replies(path._lane._connection) is not None
+    # A batch whose replies arrive together, an unknown script's error among them.
+    replies = await asyncio.gather(
+        *(path.call("ECHO", f"r{n}") for n in range(50)), path.call("EVALSHA", "0" * 40, 0),
+        return_exceptions=True,
+    )
+    assert replies[:50] == [f"r{n}".encode() if isinstance(replies[0], bytes) else f"r{n}" for n in range(50)]
+    assert isinstance(replies[50], NoScriptError)
     await path.aclose()
