@@ -28,11 +28,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..metrics import LockMetrics
+from .instruments import CounterChild, HistogramChild, LoopCollector, LoopCounter, LoopHistogram
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
@@ -58,68 +59,38 @@ class _StoreStatistics(Collector):
         yield family
 
 
-class _CachedLabels:
-    """Keeps a metric's ``labels(...)`` children in a dict of its own.
-
-    prometheus_client's ``labels()`` checks the names, converts every value
-    with ``str()`` and takes a lock on each call, and a message made about
-    five such calls. Children never change once made (nothing here calls
-    ``remove()`` or ``clear()``), so a dict lookup can return them. Mixed in
-    before the metric class.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._children: dict[tuple[object, ...], Any] = {}
-        super().__init__(*args, **kwargs)
-
-    def labels(self, *labelvalues: object, **labelkwargs: object) -> Any:
-        child = None if labelkwargs else self._children.get(labelvalues)
-        if child is None:
-            child = super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
-            if not labelkwargs:
-                self._children[labelvalues] = child
-        return child
-
-
-class _Counter(_CachedLabels, Counter):
-    """A Counter whose ``labels(...)`` children are cached (see :class:`_CachedLabels`)."""
-
-
-class _Histogram(_CachedLabels, Histogram):
-    """A Histogram whose ``labels(...)`` children are cached (see :class:`_CachedLabels`)."""
-
-
 class ServerMetrics:
     """The app's instruments and their registry; ``render()`` gives the scrape text."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = _Counter(
+        # Updated on every request: plain numbers read at scrape time (see .instruments).
+        self.requests = LoopCounter(
             "convlock_http_requests",
             "HTTP requests by route template and status",
             ["method", "route", "status"],
-            registry=r,
         )
-        self.request_seconds = _Histogram(
+        self.request_seconds = LoopHistogram(
             "convlock_http_request_duration_seconds",
             "HTTP request time",
             ["method", "route"],
             buckets=_BUCKETS,
-            registry=r,
         )
-        self.messages = _Counter("convlock_messages", "Webhook messages by outcome", ["outcome"], registry=r)
+        self.messages = LoopCounter("convlock_messages", "Webhook messages by outcome", ["outcome"])
+        self.handler_seconds = LoopHistogram(
+            "convlock_handler_seconds", "Handler wall time", buckets=_BUCKETS
+        )
+        self.tracker_seconds = LoopHistogram(
+            "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=_BUCKETS
+        )
+        per_request = (self.requests, self.request_seconds, self.messages)
+        r.register(LoopCollector((*per_request, self.handler_seconds, self.tracker_seconds)))
         self.in_flight = Gauge("convlock_messages_in_flight", "Messages being processed", registry=r)
         #: The same collectors a library user registers; build_app attaches them to the lock store.
         self.locks = LockMetrics(registry=r)
-        self.handler_seconds = Histogram(
-            "convlock_handler_seconds", "Handler wall time", buckets=_BUCKETS, registry=r
-        )
-        self.tracker_seconds = _Histogram(
-            "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=_BUCKETS, registry=r
-        )
         # (method, route, status) -> its counter and histogram children, one lookup per request.
-        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[CounterChild, HistogramChild]] = {}
         self._lock_stats: Callable[[], Mapping[str, Any]] | None = None
         self._tracker_stats: Callable[[], Mapping[str, Any]] | None = None
         r.register(
