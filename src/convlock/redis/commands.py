@@ -117,7 +117,7 @@ class _Lane:
     its pool). It never carries a call after either.
     """
 
-    __slots__ = ("_connection", "_out", "_pack", "_pending", "_pool", "_reader", "_tasks", "_timer",
+    __slots__ = ("_connection", "_loop", "_out", "_pack", "_pending", "_pool", "_reader", "_tasks", "_timer",
                  "_writing", "closed", "retired", "timeout")
 
     def __init__(self, pool: ConnectionPool, connection: AbstractConnection, timeout: float) -> None:
@@ -134,7 +134,9 @@ class _Lane:
         self.closed = False
         self.retired = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        # A lane lives on the loop that opened it (its connection's streams do too).
+        self._loop = asyncio.get_running_loop()
+        self._reader = self._loop.create_task(self._read())
 
     @property
     def in_flight(self) -> int:
@@ -157,7 +159,7 @@ class _Lane:
         Each future is resolved with its command's reply (or error reply),
         or fails with the lane. The caller must then call :meth:`flush`.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         pack, out, pending = self._pack, self._out, self._pending
         deadline = loop.time() + self.timeout
         futures = []
@@ -181,7 +183,7 @@ class _Lane:
         if self._writing:
             return
         self._writing = True
-        asyncio.get_running_loop().call_soon(self._write)
+        self._loop.call_soon(self._write)
 
     def _write(self) -> None:
         self._writing = False
