@@ -150,3 +150,22 @@ async def test_the_lane_reads_batched_replies_from_hiredis_with_this_redis_py(cl
     assert replies[:50] == [f"r{n}".encode() if isinstance(replies[0], bytes) else f"r{n}" for n in range(50)]
     assert isinstance(replies[50], NoScriptError)
     await path.aclose()
+
+
+async def test_push_messages_on_the_lane_reach_no_caller(client: aioredis.Redis) -> None:
+    """RESP3 pushes (here: client-side caching invalidations) are not replies: callers stay in step."""
+    path = CommandPath(client, budget=8, timeout=5)
+    assert await path.call("CLIENT", "TRACKING", "ON") in (b"OK", "OK")
+    other = aioredis.Redis(connection_pool=client.connection_pool)
+    for round_ in range(5):
+        await path.call("GET", "tracked")  # tracked again after each invalidation
+        # The write makes Redis push an invalidation on the lane's connection,
+        # between or among the replies of the calls below.
+        writes = [other.set("tracked", round_)]
+        echoes = [path.call("ECHO", f"{round_}-{n}") for n in range(40)]
+        replies = await asyncio.gather(*echoes, *writes)
+        texts = [r.decode() if isinstance(r, bytes) else r for r in replies[:40]]
+        assert texts == [f"{round_}-{n}" for n in range(40)]
+    assert path._lane is not None
+    assert not path._lane.closed
+    await path.aclose()

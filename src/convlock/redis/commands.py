@@ -65,7 +65,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -224,7 +224,7 @@ class _Lane:
 
     async def _read(self) -> None:
         connection, pending = self._connection, self._pending
-        parsed: tuple[Callable[[], Any], type | None, Any] | None = None
+        parsed = _parsed_replies(connection)  # the lane's connection is connected already
         try:
             while True:
                 try:
@@ -233,24 +233,8 @@ class _Lane:
                 except ResponseError as error:
                     reply = error  # an error reply: the caller's alone, the lane is in step
                 self._answer(reply)
-                # The replies that came in the same read are parsed already:
-                # hand them out without a trip through redis-py's coroutines.
-                if parsed is None:
-                    parsed = _parsed_replies(connection) or (_no_replies, None, None)
-                gets, push_type, parser = parsed
-                parser = cast(Any, parser)
-                while pending:
-                    reply = gets()
-                    if reply is _NOT_ENOUGH_DATA or reply is False:
-                        break
-                    if push_type is not None and isinstance(reply, push_type):
-                        await parser.handle_push_response(reply)  # as read_response does with one
-                        continue
-                    if isinstance(reply, RedisConnectionError) or (
-                        type(reply) is list and reply and isinstance(reply[0], RedisConnectionError)
-                    ):
-                        raise reply if isinstance(reply, RedisConnectionError) else reply[0]
-                    self._answer(reply)
+                if parsed is not None:
+                    await self._answer_parsed(*parsed)
                 if self.retired and not pending:
                     self._close()
                     return
@@ -259,6 +243,21 @@ class _Lane:
             raise
         except BaseException as error:
             self._fail(error)
+
+    async def _answer_parsed(self, gets: Callable[[], Any], push_type: type | None, parser: Any) -> None:
+        """Hand out the replies that came with the last read, parsed already (see :func:`_parsed_replies`)."""
+        while self._pending:
+            reply = gets()
+            if reply is _NOT_ENOUGH_DATA or reply is False:
+                return
+            if push_type is not None and isinstance(reply, push_type):
+                await parser.handle_push_response(reply)  # as read_response does with one
+                continue
+            if type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+                reply = reply[0]
+            if isinstance(reply, RedisConnectionError):
+                raise reply
+            self._answer(reply)
 
     def _answer(self, reply: Any) -> None:
         """Give the oldest waiting call its reply (an error reply is that call's error alone)."""
@@ -337,7 +336,7 @@ def _parsed_replies(connection: AbstractConnection) -> tuple[Callable[[], Any], 
 
     ``gets()`` returns the next reply already parsed, or ``NOT_ENOUGH_DATA``.
     redis-py's ``read_response`` does three things with a reply, which
-    :meth:`_Lane._read` repeats: it raises a connection error the reader
+    :meth:`_Lane._answer_parsed` repeats: it raises a connection error the reader
     returned, hands a push message (RESP3) to the parser's push handler and
     reads on, and raises an error reply, which the lane gives to its caller.
     The reader is redis-py's private attribute; where it is missing, every
@@ -352,10 +351,6 @@ def _parsed_replies(connection: AbstractConnection) -> tuple[Callable[[], Any], 
         return None
     push_type = getattr(parser, "_hiredis_PushNotificationType", None)
     return gets, push_type if isinstance(push_type, type) else None, parser
-
-
-def _no_replies() -> Any:
-    return _NOT_ENOUGH_DATA
 
 
 def _join(packed: Any) -> bytes:

@@ -65,7 +65,7 @@ class HistogramChild:
 
 
 class LoopCounter:
-    """A counter family: ``labels(*values).inc()``, or ``inc()`` when it has no labels."""
+    """A counter family: ``labels(*values).inc()``."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
@@ -81,10 +81,6 @@ class LoopCounter:
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
             child = self.children[values] = CounterChild()
         return child
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Count on the series without labels."""
-        self.labels().inc(amount)
 
     def collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)

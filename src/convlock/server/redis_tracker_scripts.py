@@ -142,9 +142,9 @@ end
 # HMGET's reply goes back as it came instead of being copied into the outer
 # table (EVALSHA's usec_per_call on Redis 7.0, 100 events of 153 bytes:
 # 82 -> 75 us). What is left is mostly Lua's: every string that enters a
-# script is hashed whole (a 13 kB argument costs 24 us), and each name
-# 'e:'..i is one more. Events dropped by retention come back as nil (a null
-# bulk), which the reader skips.
+# script is hashed whole (a 13 kB argument costs 24 us), and each event's
+# name is one more string. Events dropped by retention come back as nil (a
+# null bulk), which the reader skips.
 _READ_WINDOW = """
 local n = tonumber(head[4] or '0')
 local events = {}
