@@ -8,9 +8,8 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from convlock.metrics import BUCKETS
 from convlock.server.instruments import LoopCollector, LoopCounter, LoopHistogram
-
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def _samples(registry: CollectorRegistry) -> list[str]:

@@ -153,7 +153,6 @@ async def test_a_handler_sees_the_window_of_a_10000_event_conversation(
                 client.delete(key)
 
 
-
 async def test_the_window_is_the_last_events_whatever_the_save_sizes(redis_server: RedisProcess) -> None:
     """Saves of 0 to 12 events, below, at and above a window of 7: each load sees exactly the last 7."""
     settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="sizes")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -64,23 +65,37 @@ class HistogramChild:
         self.sum += value
 
 
-class LoopCounter:
-    """A counter family: ``labels(*values).inc()``."""
+Child = TypeVar("Child", CounterChild, HistogramChild)
+
+
+class _Family(Generic[Child]):
+    """A metric family's name, help text, label names and series (made on first use)."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self.children: dict[tuple[str, ...], CounterChild] = {}
+        self.children: dict[tuple[str, ...], Child] = {}
 
-    def labels(self, *values: str) -> CounterChild:
+    def _child(self) -> Child:
+        """A new, empty series."""
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Child:
         """The series for these label values, in ``labelnames`` order (made on first use)."""
         child = self.children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
-            child = self.children[values] = CounterChild()
+            child = self.children[values] = self._child()
         return child
+
+
+class LoopCounter(_Family[CounterChild]):
+    """A counter family: ``labels(*values).inc()``."""
+
+    def _child(self) -> CounterChild:
+        return CounterChild()
 
     def collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -89,30 +104,21 @@ class LoopCounter:
         return family
 
 
-class LoopHistogram:
+class LoopHistogram(_Family[HistogramChild]):
     """A histogram family with fixed ``buckets``: ``labels(*values).observe(v)``, or ``observe(v)``."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str] = (), *, buckets: Sequence[float]
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
+        super().__init__(name, documentation, labelnames)
         self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
         # The ``le`` labels, written as prometheus-client writes them ("1.0", "+Inf").
         self._le = [floatToGoString(b) for b in (*self.bounds, float("inf"))]  # type: ignore[no-untyped-call]
-        self.children: dict[tuple[str, ...], HistogramChild] = {}
         # The unlabelled series, made at once so that observe() is one call.
         self._own = None if self.labelnames else self.labels()
 
-    def labels(self, *values: str) -> HistogramChild:
-        """The series for these label values, in ``labelnames`` order (made on first use)."""
-        child = self.children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
-            child = self.children[values] = HistogramChild(self.bounds)
-        return child
+    def _child(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
 
     def observe(self, value: float) -> None:
         """Observe on the series without labels."""

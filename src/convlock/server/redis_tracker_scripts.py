@@ -86,15 +86,27 @@ local record, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}]
 local ttl, message_id, window = tonumber(ARGV[{a}]), ARGV[{a + 1}], tonumber(ARGV[{a + 2}])
 local ticket_text = {ticket_text}
 local ticket = tonumber(ticket_text)
-local format = string.format
 """
 
 
-# Event field names are made with format('e:%d', i), not 'e:' .. i: Lua turns
-# a number into text as a double ('%.14g') before concatenating, and 100
-# names cost a script 22 us that way against 13 us (SLOWLOG medians, Redis
-# 7.0, interleaved), the largest part of a load's window after the events'
-# own bytes.
+# Event i's field is 'e:<i>', named by format('e:%d', i), not 'e:' .. i: Lua
+# turns a number into text as a double ('%.14g') before concatenating, and
+# 100 names cost a script 22 us that way against 13 us (SLOWLOG medians,
+# Redis 7.0, interleaved), the largest part of a load's window after the
+# events' own bytes. event_names(from, to) names a run of them, for one HMGET.
+_FORMAT = """
+local format = string.format
+"""
+_EVENT_NAMES = _FORMAT + """
+local function event_names(from, to)
+  local names, k = {}, 0
+  for i = from, to do
+    k = k + 1
+    names[k] = format('e:%d', i)
+  end
+  return names
+end
+"""
 
 _LOAD_HEADER = load_locals(1, 2, "ARGV[1]")
 
@@ -145,16 +157,11 @@ end
 # script is hashed whole (a 13 kB argument costs 24 us), and each event's
 # name is one more string. Events dropped by retention come back as nil (a
 # null bulk), which the reader skips.
-_READ_WINDOW = """
+_READ_WINDOW = _EVENT_NAMES + """
 local n = tonumber(head[4] or '0')
 local events = {}
 if n > 0 and window > 0 then
-  local names, k = {}, 0
-  for i = math.max(1, n - window + 1), n do
-    k = k + 1
-    names[k] = format('e:%d', i)
-  end
-  events = redis.call('HMGET', record, unpack(names))
+  events = redis.call('HMGET', record, unpack(event_names(math.max(1, n - window + 1), n)))
 end
 return {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or '', events}
 """
@@ -168,24 +175,19 @@ LOAD = _LOAD_HEADER + FENCE_RAISE + MESSAGE_ID_LOOKUP + READ_RECORD
 
 PEEK = """
 local record, window = KEYS[1], tonumber(ARGV[1])
-local format = string.format
 """ + _READ_HEAD + _READ_WINDOW
 
 # -- events: one page. KEYS record; ARGV after, limit, retain. Returns {n, events...}
 
-EVENTS = """
-local record, format = KEYS[1], string.format
+EVENTS = _EVENT_NAMES + """
+local record = KEYS[1]
 local after, limit, retain = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local n = tonumber(redis.call('HGET', record, 'n') or '0')
 local from = math.max(after + 1, n - retain + 1, 1)
 local to = math.min(n, from + limit - 1)
 local out = {n}
 if to >= from then
-  local names = {}
-  for i = from, to do
-    names[#names + 1] = format('e:%d', i)
-  end
-  for _, event in ipairs(redis.call('HMGET', record, unpack(names))) do
+  for _, event in ipairs(redis.call('HMGET', record, unpack(event_names(from, to)))) do
     if event then out[#out + 1] = event end
   end
 end
@@ -209,7 +211,6 @@ local message_id, reply, remember = ARGV[{a + 2}], ARGV[{a + 3}], tonumber(ARGV[
 local users, retain = tonumber(ARGV[{a + 5}]), tonumber(ARGV[{a + 6}])
 local first_event = {a + 7}
 local ticket = tonumber(ticket_text)
-local format = string.format
 """
 
 
@@ -227,7 +228,7 @@ if ticket < tonumber(fence_text) then return {0, fence_text} end
 #: back: a save costs what the message added, never the conversation's length.
 #: Everything is written in one HSET (and one HDEL when retention drops events);
 #: the HDEL comes after, so an event set and dropped in one save ends deleted.
-APPEND_AND_SAVE = """
+APPEND_AND_SAVE = _FORMAT + """
 local n = tonumber(head[2] or '0')
 local fields = {'fence', ticket_text, 'ticket', ticket_text, 'state', state}
 -- The turn count, kept from the first save on. (A conversation saved before
