@@ -324,12 +324,17 @@ class _Controller:
 
     async def kill(self, proc: _WorkerProc, *, holding: bool) -> None:
         stopped = holding and await self.stop_while_holding(proc)
-        killed = time.monotonic()
         _signal(proc, signal.SIGKILL)
         await asyncio.to_thread(proc.popen.wait)
+        # Timed once it is dead, not before the signal: the checker exempts the
+        # requests a worker sent before its kill, and one sent between a time
+        # taken here and the signal's delivery was flagged as never answered.
         self.record(
-            Event(killed, KILL, worker=proc.id, pid=proc.popen.pid, detail="holding" if stopped else "any")
-        )
+            Event(
+                time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid,
+                detail="holding" if stopped else "any",
+            )
+        )  # fmt: skip
         self.retired.append(proc)
         self.start_worker(proc.slot, proc.generation + 1)
 
@@ -373,11 +378,11 @@ class _Controller:
             if proc.popen.poll() is None:
                 # It did not stop in time: kill it so the run ends; the checker
                 # then treats its unfinished requests like a killed worker's.
-                self.record(
-                    Event(time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid, detail="shutdown")
-                )
                 _signal(proc, signal.SIGKILL)
                 await asyncio.to_thread(proc.popen.wait)
+                self.record(  # timed once it is dead, as in kill()
+                    Event(time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid, detail="shutdown")
+                )
         self.retired.extend(self.workers.values())
         self.workers.clear()
 
