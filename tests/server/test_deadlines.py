@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from typing import Any
 
 import pytest
 import uvloop
@@ -14,7 +16,7 @@ from convlock.server.deadlines import SharedDeadlines
 async def _call(deadlines: SharedDeadlines, seconds: float) -> tuple[str, bool]:
     bound = deadlines.timeout()
     try:
-        async with bound:
+        with bound:
             await asyncio.sleep(seconds)
     except TimeoutError:
         return "timeout", bound.expired()
@@ -74,5 +76,69 @@ def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    asyncio.run(main())
+
+
+async def _swallow(bound: Any) -> str:
+    """The block catches the cancellation itself and finishes normally."""
+    async with contextlib.AsyncExitStack() as stack:
+        if hasattr(bound, "__aenter__"):
+            await stack.enter_async_context(bound)
+        else:
+            stack.enter_context(bound)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "swallowed"
+    return "done"
+
+
+async def _cancelled_twice(bound: Any) -> str:
+    """The deadline and someone else both cancel the task: it must stay cancelled."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().call_later(0.04, task.cancel)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if hasattr(bound, "__aenter__"):
+                await stack.enter_async_context(bound)
+            else:
+                stack.enter_context(bound)
+            time.sleep(0.06)  # noqa: ASYNC251  (blocks on purpose: both callbacks fall due together)
+            await asyncio.sleep(10)
+    except TimeoutError:
+        return "timeout"
+    except asyncio.CancelledError:
+        return "cancelled"
+    return "done"
+
+
+@pytest.mark.parametrize("scenario", [_swallow, _cancelled_twice], ids=["swallowed", "cancelled-twice"])
+def test_the_exit_rule_is_asyncio_timeouts(scenario: Any) -> None:
+    async def outcome(make_bound: Any) -> tuple[str, bool]:
+        bound = make_bound()
+        try:
+            result = await asyncio.ensure_future(scenario(bound))
+        except asyncio.CancelledError:
+            result = "cancelled outside"
+        return result, bound.expired()
+
+    async def main() -> None:
+        ours = await outcome(lambda: SharedDeadlines(0.05).timeout())
+        theirs = await outcome(lambda: asyncio.timeout(0.05))
+        assert ours == theirs
+        assert ours[1] is True
+
+    asyncio.run(main())
+
+
+def test_a_bound_is_entered_once() -> None:
+    async def main() -> None:
+        bound = SharedDeadlines(1.0).timeout()
+        with bound:
+            pass
+        with pytest.raises(RuntimeError, match="once"), bound:
+            pass
 
     asyncio.run(main())

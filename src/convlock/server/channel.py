@@ -68,6 +68,7 @@ from ..errors import LockLostError, LockStoreUnavailable, LockTimeoutError
 from ..redact import exception_summary
 from .context import ServerContext
 from .conversation import Conversation, Message
+from .deadlines import UNBOUNDED
 from .disconnect import client_disconnected
 from .handlers import normalize_responses
 from .message_path import MessageTurn
@@ -363,9 +364,9 @@ async def _locked(
     )
     # One timer shared by every message's handler call, not one each (see .deadlines).
     deadlines = ctx.handler_deadlines
-    timeout = asyncio.timeout(None) if deadlines is None else deadlines.timeout()
+    timeout = UNBOUNDED if deadlines is None else deadlines.timeout()
     try:
-        async with timeout:
+        with timeout:
             result = await ctx.handler(message, conversation)
         responses = normalize_responses(result, cid)
         # Prove the results are JSON before anything is saved (the body is
