@@ -46,10 +46,11 @@ async def contended_handoff(store: LockStore, cid: str, registry: CollectorRegis
     assert order == sorted(order)
 
 
-async def test_memory_store_metrics_after_a_known_sequence() -> None:
+@pytest.mark.parametrize("one_loop", [False, True], ids=["shared", "one-loop"])
+async def test_memory_store_metrics_after_a_known_sequence(one_loop: bool) -> None:
     registry = CollectorRegistry()
     store = InMemoryLockStore(lifetime=10)
-    store.add_observer(LockMetrics(registry))
+    store.add_observer(LockMetrics(registry, one_loop=one_loop))
 
     for _ in range(2):  # 2 grants at once
         async with store.lock("alice"):
@@ -88,6 +89,33 @@ async def test_memory_store_metrics_after_a_known_sequence() -> None:
     text = generate_latest(registry).decode()
     for cid in ("alice", "bob", "carol", "dave", "erin", "frank"):
         assert cid not in text, "no label carries a conversation ID"
+
+
+def test_one_loop_metrics_read_as_prometheus_clients_own() -> None:
+    """The same events fed to both kinds give the same scrape, line for line (timestamps aside)."""
+    shared, one_loop = CollectorRegistry(), CollectorRegistry()
+    observers = [LockMetrics(shared), LockMetrics(one_loop, one_loop=True)]
+    for metrics in observers:
+        for ticket, (waited, held) in enumerate([(0.0, 0.0004), (0.001, 0.02), (0.3, 7.0), (61.0, 0.0025)]):
+            if waited:
+                metrics.waiting("c", ticket)
+            metrics.granted("c", ticket, waited, "handoff" if waited else "immediate")
+            metrics.released("c", ticket, held)
+        metrics.waiting("c", 9)
+        metrics.timed_out("c", 9, 1.0)
+        metrics.waiting("c", 10)
+        metrics.abandoned("c", 10, 0.5, "cancelled")
+        metrics.waiting("c", 11)
+        metrics.lapsed("c", 1)
+        metrics.revoked("c", 2, holder=True)
+        metrics.store_error(ConnectionError("down"))
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert samples(one_loop) == samples(shared)
+    assert "convlock_lock_grants_total 4.0" in samples(shared)
+    assert "convlock_lock_waiting_tickets 1.0" in samples(shared)
 
 
 async def test_redis_store_metrics_after_a_known_sequence(redis_server: RedisProcess) -> None:

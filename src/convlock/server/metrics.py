@@ -32,15 +32,13 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..metrics import LockMetrics
-from .instruments import CounterChild, HistogramChild, LoopCollector, LoopCounter, LoopHistogram
+from ..instruments import CounterChild, HistogramChild, LoopCollector, LoopCounter, LoopHistogram
+from ..metrics import BUCKETS, LockMetrics
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Latencies from a fraction of a millisecond (in-memory lock) to a minute (a stuck handler).
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _StoreStatistics(Collector):
@@ -65,7 +63,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # Updated on every request: plain numbers read at scrape time (see .instruments).
+        # Updated on every request: plain numbers read at scrape time (see convlock.instruments).
         self.requests = LoopCounter(
             "convlock_http_requests",
             "HTTP requests by route template and status",
@@ -75,20 +73,21 @@ class ServerMetrics:
             "convlock_http_request_duration_seconds",
             "HTTP request time",
             ["method", "route"],
-            buckets=_BUCKETS,
+            buckets=BUCKETS,
         )
         self.messages = LoopCounter("convlock_messages", "Webhook messages by outcome", ["outcome"])
         self.handler_seconds = LoopHistogram(
-            "convlock_handler_seconds", "Handler wall time", buckets=_BUCKETS
+            "convlock_handler_seconds", "Handler wall time", buckets=BUCKETS
         )
         self.tracker_seconds = LoopHistogram(
-            "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=_BUCKETS
+            "convlock_tracker_seconds", "Tracker store call time", ["operation"], buckets=BUCKETS
         )
         per_request = (self.requests, self.request_seconds, self.messages)
         r.register(LoopCollector((*per_request, self.handler_seconds, self.tracker_seconds)))
         self.in_flight = Gauge("convlock_messages_in_flight", "Messages being processed", registry=r)
         #: The same collectors a library user registers; build_app attaches them to the lock store.
-        self.locks = LockMetrics(registry=r)
+        #: The app's stores run on its one event loop, so plain numbers do.
+        self.locks = LockMetrics(registry=r, one_loop=True)
         # (method, route, status) -> its counter and histogram children, one lookup per request.
         self._request_children: dict[tuple[str, str, int], tuple[CounterChild, HistogramChild]] = {}
         self._lock_stats: Callable[[], Mapping[str, Any]] | None = None

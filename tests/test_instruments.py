@@ -1,4 +1,4 @@
-"""The server's loop instruments expose exactly what prometheus-client's own Counter and Histogram would."""
+"""The loop instruments expose exactly what prometheus-client's own Counter and Histogram would."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from convlock.instruments import LoopCollector, LoopCounter, LoopHistogram
 from convlock.metrics import BUCKETS
-from convlock.server.instruments import LoopCollector, LoopCounter, LoopHistogram
 
 
 def _samples(registry: CollectorRegistry) -> list[str]:

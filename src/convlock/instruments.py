@@ -1,7 +1,8 @@
 """Counters and histograms updated from one event loop, exposed through prometheus-client.
 
 Why not prometheus-client's ``Counter`` and ``Histogram`` for the server's
-per-message metrics: every update of theirs takes a ``threading.Lock`` (an
+per-message metrics (and for :class:`~convlock.metrics.LockMetrics` with
+``one_loop=True``): every update of theirs takes a ``threading.Lock`` (an
 observation takes two, and walks the buckets in Python) so that threads may
 share them. The server updates these from its event loop only, where a plain
 number is exact. Measured with ``timeit`` (Python 3.11): a labelled
@@ -14,9 +15,10 @@ yields its metric families, so names, types, ``_total``/``_created``
 samples, bucket labels and the exposition format are its own, and a scrape
 reads the same text as before.
 
-Not thread-safe: update only from the thread that runs the server's event
-loop. :class:`convlock.metrics.LockMetrics`, which library users may share
-between threads, keeps prometheus-client's instruments.
+Not thread-safe: update only from the thread that runs the event loop.
+:class:`convlock.metrics.LockMetrics`, which library users may share
+between threads, keeps prometheus-client's instruments unless told
+``one_loop=True``.
 """
 
 from __future__ import annotations
