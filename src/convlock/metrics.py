@@ -38,19 +38,31 @@ collectors.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .observe import AbandonReason, GrantReason, LockObserver
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from .instruments import LoopCounter, LoopHistogram
-
 __all__ = ["BUCKETS", "LockMetrics"]
 
 #: Latencies from a fraction of a millisecond (in-memory lock) to a minute (a stuck holder).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Name and help text of the histograms (wait, hold) and counters (grants,
+# timeouts, lapses, revocations, store errors), in LockMetrics' attribute order.
+_HISTOGRAMS = (
+    ("convlock_lock_wait_seconds", "From drawing a ticket to holding the lock"),
+    ("convlock_lock_hold_seconds", "From holding the lock to leaving the lock block"),
+)
+_COUNTERS = (
+    ("convlock_lock_grants", "Tickets granted"),
+    ("convlock_lock_timeouts", "Waits given up because wait_timeout passed"),
+    ("convlock_lock_lapsed", "Holders that found their lease lapsed or revoked"),
+    ("convlock_lock_revocations", "Tickets revoked by an operator through this process"),
+    ("convlock_lock_store_errors", "Lock store calls that failed (LockStoreUnavailable)"),
+)
 
 
 class LockMetrics(LockObserver):
@@ -80,26 +92,33 @@ class LockMetrics(LockObserver):
         "waiting_tickets",
     )
 
+    wait: _Histogram
+    hold: _Histogram
+    grants: _Counter
+    timeouts: _Counter
+    lapses: _Counter
+    revocations: _Counter
+    store_errors: _Counter
+
     def __init__(self, registry: CollectorRegistry | None = None, *, one_loop: bool = False) -> None:
-        from prometheus_client import REGISTRY, Gauge
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         r = REGISTRY if registry is None else registry
         self.registry = r
-        new: _Instruments = _OneLoop(r) if one_loop else _Shared(r)
-        self.wait = new.histogram("convlock_lock_wait_seconds", "From drawing a ticket to holding the lock")
-        self.hold = new.histogram(
-            "convlock_lock_hold_seconds", "From holding the lock to leaving the lock block"
-        )
-        self.grants = new.counter("convlock_lock_grants", "Tickets granted")
-        self.timeouts = new.counter("convlock_lock_timeouts", "Waits given up because wait_timeout passed")
-        self.lapses = new.counter("convlock_lock_lapsed", "Holders that found their lease lapsed or revoked")
-        self.revocations = new.counter(
-            "convlock_lock_revocations", "Tickets revoked by an operator through this process"
-        )
-        self.store_errors = new.counter(
-            "convlock_lock_store_errors", "Lock store calls that failed (LockStoreUnavailable)"
-        )
-        new.register()
+        if one_loop:
+            from .instruments import LoopCollector, LoopCounter, LoopHistogram
+
+            families: list[LoopHistogram | LoopCounter] = [
+                LoopHistogram(name, text, buckets=BUCKETS) for name, text in _HISTOGRAMS
+            ]
+            families += [LoopCounter(name, text) for name, text in _COUNTERS]
+            r.register(LoopCollector(families))
+            series: list[Any] = [family.labels() for family in families]
+        else:
+            series = [Histogram(name, text, buckets=BUCKETS, registry=r) for name, text in _HISTOGRAMS]
+            series += [Counter(name, text, registry=r) for name, text in _COUNTERS]
+        self.wait, self.hold = series[:2]
+        self.grants, self.timeouts, self.lapses, self.revocations, self.store_errors = series[2:]
         self.waiting_tickets = Gauge(
             "convlock_lock_waiting_tickets", "Tickets of this process waiting for a lock now", registry=r
         )
@@ -139,60 +158,3 @@ class _Counter(Protocol):
 
 class _Histogram(Protocol):
     def observe(self, amount: float) -> None: ...
-
-
-class _Instruments(Protocol):
-    """Makes the unlabelled counters and histograms of a :class:`LockMetrics`."""
-
-    def counter(self, name: str, documentation: str) -> _Counter: ...
-
-    def histogram(self, name: str, documentation: str) -> _Histogram: ...
-
-    def register(self) -> None: ...
-
-
-class _Shared:
-    """prometheus-client's own instruments, registered as they are made: safe to share between threads."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-    def counter(self, name: str, documentation: str) -> _Counter:
-        from prometheus_client import Counter
-
-        return Counter(name, documentation, registry=self._registry)
-
-    def histogram(self, name: str, documentation: str) -> _Histogram:
-        from prometheus_client import Histogram
-
-        return Histogram(name, documentation, buckets=BUCKETS, registry=self._registry)
-
-    def register(self) -> None:
-        pass
-
-
-class _OneLoop:
-    """:mod:`convlock.instruments`' plain numbers, registered together by ``register()``."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-        self._families: list[LoopCounter | LoopHistogram] = []
-
-    def counter(self, name: str, documentation: str) -> _Counter:
-        from .instruments import LoopCounter
-
-        family = LoopCounter(name, documentation)
-        self._families.append(family)
-        return family.labels()
-
-    def histogram(self, name: str, documentation: str) -> _Histogram:
-        from .instruments import LoopHistogram
-
-        family = LoopHistogram(name, documentation, buckets=BUCKETS)
-        self._families.append(family)
-        return family.labels()
-
-    def register(self) -> None:
-        from .instruments import LoopCollector
-
-        self._registry.register(LoopCollector(self._families))

@@ -80,13 +80,18 @@ def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
     asyncio.run(main())
 
 
+async def _enter(stack: contextlib.AsyncExitStack, bound: Any) -> None:
+    """Enter ``bound`` on ``stack``: an ``asyncio.Timeout`` is entered with ``async with``, ours with ``with``."""
+    if hasattr(bound, "__aenter__"):
+        await stack.enter_async_context(bound)
+    else:
+        stack.enter_context(bound)
+
+
 async def _swallow(bound: Any) -> str:
     """The block catches the cancellation itself and finishes normally."""
     async with contextlib.AsyncExitStack() as stack:
-        if hasattr(bound, "__aenter__"):
-            await stack.enter_async_context(bound)
-        else:
-            stack.enter_context(bound)
+        await _enter(stack, bound)
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
@@ -101,10 +106,7 @@ async def _cancelled_twice(bound: Any) -> str:
     asyncio.get_running_loop().call_later(0.04, task.cancel)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            if hasattr(bound, "__aenter__"):
-                await stack.enter_async_context(bound)
-            else:
-                stack.enter_context(bound)
+            await _enter(stack, bound)
             time.sleep(0.06)  # noqa: ASYNC251  (blocks on purpose: both callbacks fall due together)
             await asyncio.sleep(10)
     except TimeoutError:
