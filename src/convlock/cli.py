@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from .cli_args import positive_float, positive_int
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -34,26 +35,6 @@ DEFAULT_PORT = 5005
 AUTH_TOKEN_ENV = "CONVLOCK_AUTH_TOKEN"
 WEBHOOK_TOKEN_ENV = "CONVLOCK_WEBHOOK_TOKEN"
 WEBHOOK_HMAC_SECRET_ENV = "CONVLOCK_WEBHOOK_HMAC_SECRET"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="worker processes (more than 1 needs Redis lock and tracker stores)",
     )
@@ -115,19 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     security.add_argument("--ssl-keyfile", metavar="PEM", help="the private key of --ssl-certfile")
     run.add_argument(
         "--handler-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         help="seconds a handler may run before the client gets 504 (default 30)",
     )
     run.add_argument(
         "--shutdown-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="seconds to let messages in flight finish on SIGTERM (default: handler timeout + 10)",
     )
     run.add_argument(
         "--max-waiting-per-conversation",
-        type=_positive_int,
+        type=positive_int,
         default=100,
         metavar="N",
         help="messages of one conversation that may wait for its lock in this process; more get 429 "

@@ -21,24 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import positive_float, positive_int
 from ..errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 
 DEFAULT_FAULTS = "kill,pause,cancel,hostile-ids"
-
-
-def _positive(kind: type[Any]) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-
-    return parse
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -63,13 +51,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="start a private redis-server on a free loopback port and verify on it; 'sentinel' starts a "
         "master, a replica and 3 Sentinels instead, for the failover fault",
     )
-    parser.add_argument("--processes", type=_positive(int), default=8, help="worker processes (default 8)")
-    parser.add_argument("--conversations", type=_positive(int), default=16, help="conversations (default 16)")
+    parser.add_argument("--processes", type=positive_int, default=8, help="worker processes (default 8)")
+    parser.add_argument("--conversations", type=positive_int, default=16, help="conversations (default 16)")
     parser.add_argument(
-        "--duration", type=_positive(float), default=30.0, help="seconds of load (default 30)"
+        "--duration", type=positive_float, default=30.0, help="seconds of load (default 30)"
     )
     parser.add_argument(
-        "--lifetime", type=_positive(float), default=2.0, help="lease length in seconds (default 2)"
+        "--lifetime", type=positive_float, default=2.0, help="lease length in seconds (default 2)"
     )
     parser.add_argument(
         "--faults",
