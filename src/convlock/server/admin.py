@@ -126,7 +126,7 @@ async def tracker(request: Request) -> Response:
         raise ApiError(503, "store_unavailable", str(exc)) from None
     body = record.as_dict()
     count = body["event_count"]
-    retained_from = count - (getattr(ctx.tracker_store, "retain_events", count) or count) + 1
+    retained_from = count - (ctx.tracker_store.retain_events or count) + 1
     first = max(after + 1, retained_from, 1)
     last = first + len(events) - 1
     body["events"] = events

@@ -112,7 +112,7 @@ class RedisTrackerStore(TrackerStore):
         self.settings: RedisSettings | None = None
         #: How many recent events a load returns; how many each conversation keeps.
         self.max_event_history = check_window(max_event_history, retain_events)
-        self.retain_events = retain_events
+        self.retain_events: int = retain_events
         self._prefix = f"{key_prefix}:tracker:"
         #: Seconds after which an idle conversation is dropped, or None.
         self.expire_after = expire_after

@@ -278,6 +278,11 @@ class TrackerStore(abc.ABC):
     never both pass the check.
     """
 
+    #: How many recent events each conversation keeps (older ones are
+    #: dropped), or None when the store keeps every event. The built-in
+    #: stores set it from their ``retain_events`` option.
+    retain_events: int | None = None
+
     @abc.abstractmethod
     async def load(
         self, conversation_id: str, *, ticket: int | None = None, message_id: str | None = None
@@ -387,7 +392,7 @@ class InMemoryTrackerStore(TrackerStore):
         #: How many recent events a load returns.
         self.max_event_history = check_window(max_event_history, retain_events)
         #: How many recent events each conversation keeps.
-        self.retain_events = retain_events
+        self.retain_events: int = retain_events
         #: How many message IDs each conversation remembers.
         self.remember_message_ids = check_remember(remember_message_ids)
         self._saves = 0
