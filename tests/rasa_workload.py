@@ -1,4 +1,4 @@
-"""Drive the Rasa workload: several replica processes (``rasa_worker.py``) on one conversation.
+"""Drive the Rasa workload: several replica processes on one conversation.
 
 ``run_replicas`` writes nothing itself: it takes an endpoints.yml path (any
 ``lock_store:`` type Rasa's factory builds), starts the processes, lets them
@@ -7,8 +7,16 @@ updates were lost, how many messages Rasa would have dropped (``LockError``),
 how many never finished, whether holds overlapped or were served out of
 ticket order.
 
-Used by tests/test_rasa_integration.py (``convlock bench`` has its own copy in
-convlock.bench.worker, since the package cannot import from tests/).
+Each replica is a ``convlock bench`` worker process (``python -m
+convlock.bench.worker``) running its ``rasa`` command, the workload scenario 8
+measures: the store is built the way a Rasa user configures it
+(``read_endpoint_config(endpoints, "lock_store")``, then
+``LockStore.create(...)``), and each message does what Rasa's processor does::
+
+    async with store.lock(sender_id, wait_time_in_seconds=0.01):
+        ... a non-atomic read-modify-write of a counter in Redis ...
+
+Used by tests/test_rasa_integration.py.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from typing import Any
 
 import redis
 
-HERE = Path(__file__).resolve().parent
-WORKER = HERE / "rasa_worker.py"
+#: How long before the common start the command is sent, so that every replica begins together.
+START_AHEAD = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,14 +70,13 @@ class Outcome:
         )
 
 
-def _spawn(config: dict[str, Any]) -> subprocess.Popen[str]:
+def _spawn() -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(WORKER), json.dumps(config)],
+        [sys.executable, "-m", "convlock.bench.worker"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=HERE,
     )
 
 
@@ -94,9 +101,10 @@ def run_replicas(
     """
     with redis.Redis.from_url(counter_url) as client:
         client.delete(counter_key)
-    config = {
+    command: dict[str, Any] = {
+        "op": "rasa",
         "endpoints": str(endpoints),
-        "counter_url": counter_url,
+        "url": counter_url,
         "counter_key": counter_key,
         "conversation": conversation,
         "messages": messages,
@@ -104,19 +112,21 @@ def run_replicas(
         "hold": hold,
         "deadline": deadline,
     }
-    workers = [_spawn(config) for _ in range(processes)]
+    workers = [_spawn() for _ in range(processes)]
     try:
         for worker in workers:
             assert worker.stdout is not None
             line = worker.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"replica did not start: {line!r}\n{worker.communicate()[1]}")
-        started = time.monotonic()
-        for worker in workers:  # together, so that they contend
+        # One start on the host-wide monotonic clock, so that they contend.
+        command["start_at"] = started = time.monotonic() + START_AHEAD
+        for worker in workers:
             assert worker.stdin is not None
-            worker.stdin.write("go\n")
+            worker.stdin.write(json.dumps(command) + "\n")
             worker.stdin.flush()
-        outputs = [worker.communicate(timeout=deadline + 30) for worker in workers]
+        # communicate() closes stdin: each worker answers, then exits.
+        outputs = [worker.communicate(timeout=START_AHEAD + deadline + 30) for worker in workers]
         elapsed = time.monotonic() - started
     finally:
         for worker in workers:
@@ -125,9 +135,10 @@ def run_replicas(
                 worker.wait()
     reports = []
     for worker, (out, err) in zip(workers, outputs, strict=True):
-        if worker.returncode != 0 or not out.strip():
-            raise RuntimeError(f"replica exited with {worker.returncode}:\n{err}")
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+        answer = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        if worker.returncode != 0 or "result" not in answer:
+            raise RuntimeError(f"replica exited with {worker.returncode}: {answer.get('error', '')}\n{err}")
+        reports.append(answer["result"])
     with redis.Redis.from_url(counter_url) as client:
         counter = int(client.get(counter_key) or 0)
         client.delete(counter_key)

@@ -4,7 +4,8 @@ Every store here is built the way a Rasa user configures one, from an
 endpoints.yml file, against real redis-server processes (standalone,
 Sentinel, TLS). The multi-process tests run replicas that each do Rasa's
 ``async with store.lock(sender_id, wait_time_in_seconds=0.01)`` around a
-non-atomic read-modify-write (tests/rasa_worker.py).
+non-atomic read-modify-write (the ``rasa`` command of ``convlock.bench.worker``,
+driven by tests/rasa_workload.py).
 
 The last test runs Rasa's own ``redis`` and ``concurrent_redis`` stores on
 the same workload and prints what they lose: that is the comparison, not

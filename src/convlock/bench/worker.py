@@ -17,13 +17,13 @@ Commands (``op``):
   ``evalsha``) for ``seconds``; answers cycles (or calls) per second;
 * ``rasa``: the Rasa workload (a non-atomic read-modify-write of a counter
   under ``async with store.lock(...)``, store built by Rasa's factory from
-  ``endpoints``); answers holds, ``LockError`` count and unfinished count.
+  ``endpoints``); answers holds, ``LockError`` count and unfinished count
+  (see :func:`rasa`; the Rasa integration tests drive it too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -179,7 +179,19 @@ async def throughput(command: dict[str, Any]) -> float:
 
 
 async def rasa(command: dict[str, Any]) -> dict[str, Any]:
-    """The Rasa workload on a store built by Rasa's factory (see the module docstring)."""
+    """The Rasa workload on a store built by Rasa's factory (see the module docstring).
+
+    ``messages`` messages on ``conversation``, ``tasks`` at a time (a Rasa
+    server handles many requests at once; default 1). Each holds Rasa's lock
+    while it does a non-atomic read-modify-write of the counter at
+    ``counter_key`` in the Redis at ``url``. Past ``deadline`` seconds the
+    messages still waiting are cancelled and counted as unfinished: Rasa's
+    stores can stall for a whole lock lifetime. Answers ``holds``
+    (``[ticket, start, end, pid]``; ticket is convlock's fencing token, None
+    for Rasa's own stores), ``lock_errors`` (messages Rasa would drop),
+    ``unfinished``, ``elapsed`` and ``error`` (what else went wrong, or None).
+    Used by scenario 8 and by ``tests/test_rasa_integration.py``.
+    """
     import redis.asyncio as aioredis
     import structlog
 
@@ -193,27 +205,35 @@ async def rasa(command: dict[str, Any]) -> dict[str, Any]:
     key = command["counter_key"]
     holds: list[list[Any]] = []
     lock_errors = 0
+    queue = list(range(command["messages"]))
 
     async def one_message() -> None:
         nonlocal lock_errors
         try:
-            async with store.lock(command["conversation"], wait_time_in_seconds=0.01):
+            async with store.lock(command["conversation"], wait_time_in_seconds=0.01) as lock:
                 start = time.monotonic()
                 value = int(await counters.get(key) or 0)  # deliberately not atomic
                 await asyncio.sleep(command["hold"])
                 await counters.set(key, value + 1)
-                holds.append([start, time.monotonic(), os.getpid()])
+                holds.append([getattr(lock, "ticket", None), start, time.monotonic(), os.getpid()])
         except LockError:
             lock_errors += 1  # Rasa drops such a message
 
-    async def all_messages() -> None:
-        for _ in range(command["messages"]):
+    async def task() -> None:
+        while queue:
+            queue.pop()
             await one_message()
 
     await _until(command["start_at"])
     started = time.monotonic()
-    with contextlib.suppress(TimeoutError):  # the unfinished messages are counted below
-        await asyncio.wait_for(all_messages(), command["deadline"])
+    error = None
+    tasks = [asyncio.ensure_future(task()) for _ in range(command.get("tasks", 1))]
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), command["deadline"])
+    except TimeoutError:
+        pass  # the unfinished messages are counted below
+    except Exception:  # reported, so that the parent shows why
+        error = traceback.format_exc(limit=5)
     elapsed = time.monotonic() - started
     await counters.aclose()
     close = getattr(store, "aclose", None)
@@ -224,6 +244,7 @@ async def rasa(command: dict[str, Any]) -> dict[str, Any]:
         "lock_errors": lock_errors,
         "unfinished": command["messages"] - len(holds) - lock_errors,
         "elapsed": elapsed,
+        "error": error,
     }
 
 

@@ -139,6 +139,9 @@ def run(ctx: Context) -> None:
                    "conversation": "rasa-user", "messages": messages, "hold": 0.0005,
                    "deadline": deadline, "start_at": time.monotonic() + 0.5}
         answers = run_all(workers, [command, command])
+        failed = [a["error"] for a in answers if a["error"]]
+        if failed:  # not a figure: the workload itself broke
+            raise RuntimeError(f"rasa workload on {name} failed:\n{failed[0]}")
         with redis.Redis.from_url(target.url) as client:
             counter = int(client.get(counter_key) or 0)
             client.delete(counter_key)
