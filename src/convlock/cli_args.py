@@ -1,4 +1,4 @@
-"""Value types for the command line's options, shared by its sub-commands (``run``, ``verify``).
+"""Value types for the command line's options, shared by its sub-commands (``run``, ``verify``, ``locks``).
 
 Each parses one option's text or raises ``argparse.ArgumentTypeError``,
 which argparse turns into a usage error naming the option.

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .cli_args import positive_int
 from .config import load_endpoints
 from .errors import ConfigError, LockError
 from .factory import create_lock_store
@@ -42,16 +43,6 @@ DEFAULT_ENDPOINTS = "endpoints.yml"
 DEFAULT_LIMIT = 100
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE = 0, 1, 2
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -76,7 +67,7 @@ def add_parser(subparsers: Any) -> None:
     ls = actions.add_parser("ls", help="table of locked conversations")
     common(ls)
     ls.add_argument(
-        "--limit", type=_limit, default=DEFAULT_LIMIT, help=f"show at most N (default {DEFAULT_LIMIT})"
+        "--limit", type=positive_int, default=DEFAULT_LIMIT, help=f"show at most N (default {DEFAULT_LIMIT})"
     )
     show = actions.add_parser("show", help="one conversation's queue in detail")
     common(show)
@@ -90,7 +81,7 @@ def add_parser(subparsers: Any) -> None:
     )
     common(release)
     release.add_argument("conversation_id", metavar="ID")
-    release.add_argument("--ticket", type=_limit, metavar="N", help="revoke only this ticket")
+    release.add_argument("--ticket", type=positive_int, metavar="N", help="revoke only this ticket")
     locks.set_defaults(func=run)
 
 
