@@ -324,19 +324,19 @@ class _Controller:
 
     async def kill(self, proc: _WorkerProc, *, holding: bool) -> None:
         stopped = holding and await self.stop_while_holding(proc)
+        await self._kill_and_record(proc, "holding" if stopped else "any")
+        self.retired.append(proc)
+        self.start_worker(proc.slot, proc.generation + 1)
+
+    async def _kill_and_record(self, proc: _WorkerProc, detail: str) -> None:
+        """SIGKILL ``proc``, wait until it is dead, then record the kill."""
         _signal(proc, signal.SIGKILL)
         await asyncio.to_thread(proc.popen.wait)
         # Timed once it is dead, not before the signal: the checker exempts the
         # requests a worker sent before its kill, and one sent between a time
-        # taken here and the signal's delivery was flagged as never answered.
-        self.record(
-            Event(
-                time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid,
-                detail="holding" if stopped else "any",
-            )
-        )  # fmt: skip
-        self.retired.append(proc)
-        self.start_worker(proc.slot, proc.generation + 1)
+        # taken before the signal and the signal's delivery was flagged as
+        # never answered.
+        self.record(Event(time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid, detail=detail))
 
     # -- progress
 
@@ -378,11 +378,7 @@ class _Controller:
             if proc.popen.poll() is None:
                 # It did not stop in time: kill it so the run ends; the checker
                 # then treats its unfinished requests like a killed worker's.
-                _signal(proc, signal.SIGKILL)
-                await asyncio.to_thread(proc.popen.wait)
-                self.record(  # timed once it is dead, as in kill()
-                    Event(time.monotonic(), KILL, worker=proc.id, pid=proc.popen.pid, detail="shutdown")
-                )
+                await self._kill_and_record(proc, "shutdown")
         self.retired.extend(self.workers.values())
         self.workers.clear()
 
