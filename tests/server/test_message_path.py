@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,34 @@ async def test_the_combined_path_runs_on_a_cluster(redis_cluster: ClusterSetup) 
                 record = await turn.load()
                 assert (record.state, record.event_count, record.turn) == ({"n": n}, 1, 1)
         assert len(nodes) > 1  # the conversations landed on different nodes
+    finally:
+        await lock.aclose()
+        await tracker.aclose()
+
+
+async def test_the_combined_path_reads_and_extends_a_conversation_stored_as_event_fields(
+    redis_server: RedisProcess,
+) -> None:
+    """An earlier version's record (one hash field per event) goes on through both scripts."""
+    block = {"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "lf"}
+    lock, tracker = create_lock_store(block), create_tracker_store({**block, "max_event_history": 5})
+    path = choose_message_path(lock, tracker)
+    assert isinstance(path, RedisMessagePath)
+    fields = {f"e:{i}": json.dumps(user(f"old{i}")) for i in range(1, 4)}
+    redis_server.command("HSET", "lf:tracker:{c}", "fence", 1, "ticket", 1, "state", "{}", "n", 3, "u", 3,
+                         *[part for item in fields.items() for part in item])
+    try:
+        for text in ("a", "b", "c"):
+            async with path.turn("c", wait_timeout=None, message_id=None) as turn:
+                record = await turn.load()
+                await turn.save([user(text)], {"last": text}, None)
+        assert [e["text"] for e in record.events] == ["old1", "old2", "old3", "a", "b"]
+        async with path.turn("c", wait_timeout=None, message_id=None) as turn:
+            record = await turn.load()
+        assert [e["text"] for e in record.events] == ["old2", "old3", "a", "b", "c"]
+        assert (record.event_count, record.turn, record.state) == (6, 6, {"last": "c"})
+        listed = redis_server.command("LRANGE", "lf:tracker:{c}:ev", 0, -1)
+        assert [json.loads(e)["text"] for e in listed] == ["a", "b", "c"]  # the old fields stay fields
     finally:
         await lock.aclose()
         await tracker.aclose()

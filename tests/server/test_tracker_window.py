@@ -108,8 +108,8 @@ async def test_retention_drops_the_oldest_events_one_for_one(redis_server: Redis
             everything = await store.events("kept", after=0, limit=1000)
             assert [e["text"] for e in everything] == [f"{k}{i}" for i in range(36, 61) for k in "ub"]
         with redis_server.client() as client:
-            fields = client.hkeys("ret:tracker:{kept}")
-        assert len([f for f in fields if f.startswith("e:")]) == 50
+            assert client.llen("ret:tracker:{kept}:ev") == 50
+            assert not [f for f in client.hkeys("ret:tracker:{kept}") if f.startswith("e:")]
     finally:
         await stores[1].aclose()
         with redis_server.client() as client:
@@ -173,3 +173,62 @@ async def test_the_window_is_the_last_events_whatever_the_save_sizes(redis_serve
         with redis_server.client() as client:
             for key in client.scan_iter(match="sizes:*"):
                 client.delete(key)
+
+
+@pytest.mark.parametrize("with_turns", [True, False])
+async def test_a_conversation_stored_as_event_fields_reads_on_across_the_move(
+    redis_server: RedisProcess, with_turns: bool
+) -> None:
+    """A record in the earlier layout (one hash field ``e:<i>`` per event) keeps working.
+
+    Its events stay fields until retention drops them; newer ones go to the
+    list. Every window, peek and page reads across the boundary in order, and
+    the fields go one for one as events pass ``retain_events``. Records older
+    still have no stored turn (``u``): the store counts once.
+    """
+    key = "legacy:tracker:{old}"
+    texts = [f"old{i}" for i in range(1, 31)]
+    head: dict[str, Any] = {"fence": 3, "ticket": 3, "state": json.dumps({"k": 1}), "n": len(texts)}
+    if with_turns:
+        head["u"] = 15
+    with redis_server.client() as client:
+        client.hset(key, mapping={**head, **{f"e:{i}": json.dumps(_event(t)) for i, t in enumerate(texts, 1)}})
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="legacy")
+    store = RedisTrackerStore(
+        create_client(settings, retries=0), key_prefix="legacy", max_event_history=8, retain_events=40
+    )
+    rng = random.Random(7)
+    try:
+        record = await store.load("old")
+        assert [e["text"] for e in record.events] == texts[-8:]
+        assert (record.event_count, record.state) == (30, {"k": 1})
+        for ticket in range(4, 30):
+            new = [f"t{ticket}e{k}" for k in range(rng.randrange(5))]
+            await store.save("old", ticket=ticket, new_events=[_event(t) for t in new], state={"k": ticket})
+            texts += new
+            kept = texts[-40:]
+            record = await store.load("old", ticket=ticket)
+            assert [e["text"] for e in record.events] == kept[-8:]
+            assert record.event_count == len(texts)
+            assert [e["text"] for e in (await store.load("old")).events] == kept[-8:]
+            after, paged = 0, []
+            while page := await store.events("old", after=after, limit=rng.randrange(1, 12)):
+                paged += [e["text"] for e in page]
+                after = len(texts) - len(kept) + len(paged)
+            assert paged == kept
+            with redis_server.client() as client:
+                fields = [f for f in client.hkeys(key) if f.startswith("e:")]
+            # Fields left: the first 30 events minus those past retention.
+            assert len(fields) == 30 - min(30, max(0, len(texts) - 40))
+        assert len(texts) - 40 > 30  # the run went past every field
+        record = await store.load("old", ticket=30)
+        assert record.turn == (15 if with_turns else 0)  # bot events only: the turn never moved
+    finally:
+        await store.aclose()
+        with redis_server.client() as client:
+            for k in client.scan_iter(match="legacy:*"):
+                client.delete(k)
+
+
+def _event(text: str) -> dict[str, Any]:
+    return {"event": "bot", "text": text}

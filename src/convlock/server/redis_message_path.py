@@ -75,7 +75,7 @@ from .tracker import TrackerRecord, TrackerStore
 __all__ = ["IN", "OUT", "RedisMessagePath"]
 
 # In: ISSUE whose companion_in(t) runs the tracker's LOAD pieces for ticket
-# t. KEYS[2..4]: the tracker's record, ids and order keys; ARGV[3..5]: TTL
+# t. KEYS[2..5]: the tracker's record, events, ids and order keys; ARGV[3..5]: TTL
 # (ms), message ID ('' for none), window. Reply when granted at once:
 # {t, 'granted', LOAD's reply}; else ISSUE's {t, holder's lease left}.
 _LOAD_IN = (
@@ -96,7 +96,7 @@ end
 """
 )
 
-# Out: the tracker's SAVE pieces, then RELEASE. KEYS[2..4] as In; ARGV[1..3]
+# Out: the tracker's SAVE pieces, then RELEASE. KEYS[2..5] as In; ARGV[1..3]
 # RELEASE's (ticket, '0', tag); ARGV[4..]: SAVE's after its ticket (TTL,
 # state, message ID, reply, remember, users, retain, events...). Reply:
 # {RELEASE's reply, SAVE's reply}.

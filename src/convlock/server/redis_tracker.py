@@ -3,12 +3,14 @@
 Layout: one hash per conversation, ``<key_prefix>:tracker:{<E>}``, where ``E``
 is the conversation ID encoded as the lock store encodes it
 (:func:`convlock.redis.keys.encode_id`: injective, brace-free),
-holding ``fence``, ``ticket``, ``state`` (JSON), ``n`` (event count) and one
-field ``e:<i>`` per event (JSON). The ``tracker`` segment keeps these keys
-apart from the lock store's. One key per conversation means every script
-touches a single hash slot, so Redis Cluster works; the braces make the
-conversation the hash tag, so a conversation's tracker key lands in the same
-slot as the lock store's keys for that conversation.
+holding ``fence``, ``ticket``, ``state`` (JSON) and ``n`` (event count), and
+beside it a list ``...:ev`` of its events (JSON), newest last (the full
+layout, with the fields older versions kept events in, is in
+:mod:`.redis_tracker_scripts`). The ``tracker`` segment keeps these keys
+apart from the lock store's. Every key of a conversation carries the braces,
+which make the conversation the hash tag: every script touches a single
+hash slot, so Redis Cluster works, and it is the slot of the lock store's
+keys for that conversation.
 
 Tickets are the lock store's fencing tokens, which may be as large as the
 Redis clock in microseconds (about 2**51): Lua compares them as doubles,
@@ -75,7 +77,8 @@ from .tracker import (
 __all__ = ["PAGE_LIMIT", "RedisTrackerStore"]
 
 #: The most events one page (and one load's window) may hold: a script names
-#: each event's field, and Lua's stack limits how many it can pass at once.
+#: each field of a conversation stored in the earlier layout (one field per
+#: event), and Lua's stack limits how many it can pass at once.
 PAGE_LIMIT = 1000
 
 
@@ -179,9 +182,9 @@ class RedisTrackerStore(TrackerStore):
         return f"{self._prefix}{{{encode_id(conversation_id)}}}"
 
     def keys(self, conversation_id: str) -> list[str]:
-        """The conversation's keys: its hash, its remembered message IDs and their order."""
+        """The conversation's keys: its hash, its events, its remembered message IDs and their order."""
         record = self.key(conversation_id)
-        return [record, f"{record}:ids", f"{record}:ido"]
+        return [record, f"{record}:ev", f"{record}:ids", f"{record}:ido"]
 
     async def _replicated(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run ``script``, then ``WAIT`` on the same connection; raise if too few replicas confirm.
@@ -232,7 +235,7 @@ class RedisTrackerStore(TrackerStore):
         keys = self.keys(conversation_id)
         try:
             if ticket is None:
-                reply = await self._peek_script(keys=keys[:1], args=[self.max_event_history])
+                reply = await self._peek_script(keys=keys[:2], args=[self.max_event_history])
             else:
                 check_ticket(ticket)
                 reply = await self._load_script(keys=keys, args=[ticket, *self.load_args(message_id)])
@@ -281,7 +284,7 @@ class RedisTrackerStore(TrackerStore):
         # The ID may come from a save that was answered 503 (not replicated
         # in time): replay it only once replicas have it.
         if self.min_replicas_acked and not await self._replicated(
-            self._confirm_script, keys[:2], [message_id]
+            self._confirm_script, [keys[0], keys[2]], [message_id]
         ):
                 raise TrackerStoreUnavailable(
                     f"tracker store at {self._target}: message ID {message_id!r} vanished while its "
@@ -314,7 +317,7 @@ class RedisTrackerStore(TrackerStore):
         limit = min(limit, PAGE_LIMIT)
         try:
             reply = await self._events_script(
-                keys=[self.key(conversation_id)], args=[max(0, after), limit, self.retain_events]
+                keys=self.keys(conversation_id)[:2], args=[max(0, after), limit, self.retain_events]
             )
         except RedisError as exc:
             raise self._unavailable(exc) from exc

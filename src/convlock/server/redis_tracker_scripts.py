@@ -32,19 +32,44 @@ once where they can.
 Keys (all share the conversation's hash tag ``{E}``, hence one Cluster slot):
 
 * ``record``: ``P:tracker:{E}``, hash of ``fence``, ``ticket``, ``state``,
-  ``n`` (events ever appended), ``u`` (user turns stored) and ``e:<i>`` per
-  event, of which only the last ``retain`` are kept (each append past the
-  bound deletes the one ``retain`` places back: O(1) per event);
+  ``n`` (events ever appended), ``u`` (user turns stored) and ``b`` (the
+  legacy boundary, below);
+* ``events``: ``P:tracker:{E}:ev``, list of the events after the first
+  ``b``, oldest first, trimmed to the last ``retain`` (``LTRIM`` only when a
+  push passes the bound: O(1) amortized per event). Event ``i`` is at the
+  negative index ``i - n - 1`` (-1 is the newest), whatever was trimmed,
+  so a window is one ``LRANGE -window -1`` and a page needs no ``LLEN``;
+* legacy events: a conversation first saved by a version that kept events
+  as hash fields ``e:<i>`` keeps those fields. Its first save by this
+  version stores ``b = n`` (a new conversation stores ``b = 0``); events up
+  to ``b`` are read from the fields, later ones from the list, and a record
+  without ``b`` is all fields (``b = n``). Retention deletes those fields
+  one for one as before, so after ``retain`` more events none is left;
 * ``ids``: ``P:tracker:{E}:ids``, hash of message ID -> reply (JSON text);
 * ``order``: ``P:tracker:{E}:ido``, list of the remembered IDs, oldest
   first, so that forgetting the oldest is one ``LPOP``: remembering costs
   O(1) whatever the bound, and the two ``ids`` keys never hold more than
   ``remember`` entries.
 
+Why a list for events, not a field each: a field per event costs Redis a
+hash entry per event, and a window read by field names costs a name built
+in Lua and a lookup per event. Measured on Redis 7.0 (SLOWLOG medians,
+interleaved, events of 160 bytes):
+
+* memory of a conversation with 10,000 events: 2.44 MB as fields, 1.71 MB
+  as a list (the events' own bytes: 1.64 MB);
+* a message of a long conversation (window 100): the in-script 148 -> 116
+  us, the out-script 44 -> 53 us (one more call, ``RPUSH``): 192 -> 169 us
+  of Redis time per message;
+* a message of a 20-message conversation: 111 -> 110 us (unchanged).
+
+Redis's memory and CPU are what every replica shares, so their cost per
+conversation and per message is what bounds a deployment.
+
 Replies: ``{0, fence}`` a stale ticket; ``{1, fence, ticket, state, n, u,
 {events...}}`` a load (the last ``window`` events, oldest first, null where
-retention dropped one; a load reads O(window) whatever the conversation's
-length); ``{2, reply}`` a remembered
+retention dropped a legacy field; a load reads O(window) whatever the
+conversation's length); ``{2, reply}`` a remembered
 message ID; ``{1, n}`` a save's event count.
 
 ``CONFIRM`` serves the replay path when saves must reach replicas: it
@@ -73,38 +98,50 @@ __all__ = [
     "save_locals",
 ]
 
-# -- load: KEYS record, ids, order; ARGV ticket, ttl_ms, message_id ('' for none), window
+# -- load: KEYS record, events, ids, order; ARGV ticket, ttl_ms, message_id ('' for none), window
 
 
 def load_locals(keys_at: int, args_at: int, ticket_text: str) -> str:
-    """The locals the load pieces read: the three keys from ``KEYS[keys_at]`` on,
+    """The locals the load pieces read: the four keys from ``KEYS[keys_at]`` on,
     ``ttl``, ``message_id`` and ``window`` from ``ARGV[args_at]`` on, and the
     ticket from the Lua expression ``ticket_text`` (its decimal text)."""
     k, a = keys_at, args_at
     return f"""
-local record, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}]
+local record, events, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}], KEYS[{k + 3}]
 local ttl, message_id, window = tonumber(ARGV[{a}]), ARGV[{a + 1}], tonumber(ARGV[{a + 2}])
 local ticket_text = {ticket_text}
 local ticket = tonumber(ticket_text)
 """
 
 
-# Event i's field is 'e:<i>', named by format(EVENT, i), not 'e:' .. i: Lua
-# turns a number into text as a double ('%.14g') before concatenating, and
-# 100 names cost a script 22 us that way against 13 us (SLOWLOG medians,
-# Redis 7.0, interleaved), the largest part of a load's window after the
-# events' own bytes. event_names(from, to) names a run of them, for one HMGET.
+# A legacy event i's field is 'e:<i>', named by format(EVENT, i), not
+# 'e:' .. i: Lua turns a number into text as a double ('%.14g') before
+# concatenating, and 100 names cost a script 22 us that way against 13 us
+# (SLOWLOG medians, Redis 7.0, interleaved).
 _FORMAT = """
 local format, EVENT = string.format, 'e:%d'
 """
-_EVENT_NAMES = _FORMAT + """
-local function event_names(from, to)
+
+# read_events(from, to, n, b): events from..to (1 <= from, to <= n) that are
+# still kept, oldest first: legacy fields up to b (false where retention
+# dropped one), then the list. Only a conversation with legacy fields in
+# the range pays for names and a second call.
+_READ_EVENTS = _FORMAT + """
+local function read_events(from, to, n, b)
+  if from > to then return {} end
+  local listed = {}
+  if to > b then
+    listed = redis.call('LRANGE', events, math.max(from, b + 1) - n - 1, to - n - 1)
+    if from > b then return listed end
+  end
   local names, k = {}, 0
-  for i = from, to do
+  for i = from, math.min(to, b) do
     k = k + 1
     names[k] = format(EVENT, i)
   end
-  return names
+  local out = redis.call('HMGET', record, unpack(names))
+  for _, event in ipairs(listed) do out[#out + 1] = event end
+  return out
 end
 """
 
@@ -114,14 +151,16 @@ _LOAD_HEADER = load_locals(1, 2, "ARGV[1]")
 _TOUCH = """
 if ttl > 0 then
   redis.call('PEXPIRE', record, ttl)
+  redis.call('PEXPIRE', events, ttl)
   redis.call('PEXPIRE', ids, ttl)
   redis.call('PEXPIRE', order, ttl)
 end
 """
 
-# The hash's head: fence, ticket, state, n (events ever appended), u (user turns).
+# The hash's head: fence, ticket, state, n (events ever appended), u (user
+# turns), b (legacy boundary; absent: every event is a legacy field).
 _READ_HEAD = """
-local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u')
+local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u', 'b')
 """
 
 #: A ticket below the fence is refused; a higher one raises it. Reads the
@@ -151,19 +190,19 @@ end
 )
 
 # The head and the last `window` events, the events as one nested array:
-# HMGET's reply goes back as it came instead of being copied into the outer
+# LRANGE's reply goes back as it came instead of being copied into the outer
 # table (EVALSHA's usec_per_call on Redis 7.0, 100 events of 153 bytes:
-# 82 -> 75 us). What is left is mostly Lua's: every string that enters a
-# script is hashed whole (a 13 kB argument costs 24 us), and each event's
-# name is one more string. Events dropped by retention come back as nil (a
-# null bulk), which the reader skips.
-_READ_WINDOW = _EVENT_NAMES + """
+# 82 -> 75 us when this was an HMGET). What is left is mostly Lua's: every
+# string that enters a script is hashed whole (a 13 kB argument costs
+# 24 us). Legacy fields dropped by retention come back as nil (a null
+# bulk), which the reader skips.
+_READ_WINDOW = _READ_EVENTS + """
 local n = tonumber(head[4] or '0')
-local events = {}
+local window_events = {}
 if n > 0 and window > 0 then
-  events = redis.call('HMGET', record, unpack(event_names(math.max(1, n - window + 1), n)))
+  window_events = read_events(math.max(1, n - window + 1), n, n, tonumber(head[6] or n))
 end
-return {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or '', events}
+return {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or '', window_events}
 """
 
 #: The head (FENCE_RAISE read it) and the last `window` events; TTLs restart (the conversation is in use).
@@ -171,41 +210,41 @@ READ_RECORD = _TOUCH + _READ_WINDOW
 
 LOAD = _LOAD_HEADER + FENCE_RAISE + MESSAGE_ID_LOOKUP + READ_RECORD
 
-# -- peek: a plain read (no fence, no TTL refresh). KEYS record; ARGV window
+# -- peek: a plain read (no fence, no TTL refresh). KEYS record, events; ARGV window
 
 PEEK = """
-local record, window = KEYS[1], tonumber(ARGV[1])
+local record, events, window = KEYS[1], KEYS[2], tonumber(ARGV[1])
 """ + _READ_HEAD + _READ_WINDOW
 
-# -- events: one page. KEYS record; ARGV after, limit, retain. Returns {n, events...}
+# -- events: one page. KEYS record, events; ARGV after, limit, retain. Returns {n, events...}
 
-EVENTS = _EVENT_NAMES + """
-local record = KEYS[1]
+EVENTS = """
+local record, events = KEYS[1], KEYS[2]
 local after, limit, retain = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local n = tonumber(redis.call('HGET', record, 'n') or '0')
+""" + _READ_EVENTS + """
+local head = redis.call('HMGET', record, 'n', 'b')
+local n = tonumber(head[1] or '0')
 local from = math.max(after + 1, n - retain + 1, 1)
 local to = math.min(n, from + limit - 1)
 local out = {n}
-if to >= from then
-  for _, event in ipairs(redis.call('HMGET', record, unpack(event_names(from, to)))) do
-    if event then out[#out + 1] = event end
-  end
+for _, event in ipairs(read_events(from, to, n, tonumber(head[2] or n))) do
+  if event then out[#out + 1] = event end
 end
 return out
 """
 
-# -- save: KEYS record, ids, order; ARGV ticket, ttl_ms, state, message_id ('' for none),
+# -- save: KEYS record, events, ids, order; ARGV ticket, ttl_ms, state, message_id ('' for none),
 #    reply, remember (the bound), users (user events among the new ones), retain,
 #    then the new events (JSON each)
 
 
 def save_locals(keys_at: int, args_at: int) -> str:
-    """The locals the save pieces read: the three keys from ``KEYS[keys_at]`` on,
+    """The locals the save pieces read: the four keys from ``KEYS[keys_at]`` on,
     the ticket from ``ARGV[1]``, and the save's other arguments (``ttl``,
     ``state``, ..., then the events) from ``ARGV[args_at]`` on."""
     k, a = keys_at, args_at
     return f"""
-local record, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}]
+local record, events, ids, order = KEYS[{k}], KEYS[{k + 1}], KEYS[{k + 2}], KEYS[{k + 3}]
 local ticket_text, ttl, state = ARGV[1], tonumber(ARGV[{a}]), ARGV[{a + 1}]
 local message_id, reply, remember = ARGV[{a + 2}], ARGV[{a + 3}], tonumber(ARGV[{a + 4}])
 local users, retain = tonumber(ARGV[{a + 5}]), tonumber(ARGV[{a + 6}])
@@ -217,17 +256,17 @@ local ticket = tonumber(ticket_text)
 _SAVE_HEADER = save_locals(1, 2)
 
 #: A ticket below the fence is refused, and nothing is written. Reads the
-#: counts (n, u) for APPEND_AND_SAVE.
+#: counts (n, u) and the legacy boundary (b) for APPEND_AND_SAVE.
 FENCE_CHECK = """
-local head = redis.call('HMGET', record, 'fence', 'n', 'u')
+local head = redis.call('HMGET', record, 'fence', 'n', 'u', 'b')
 local fence_text = head[1] or '0'
 if ticket < tonumber(fence_text) then return {0, fence_text} end
 """
 
-#: Events are appended one field each, and each drops the one `retain` places
-#: back: a save costs what the message added, never the conversation's length.
-#: Everything is written in one HSET (and one HDEL when retention drops events);
-#: the HDEL comes after, so an event set and dropped in one save ends deleted.
+#: Events are pushed on the list in one RPUSH, trimmed to the last `retain`
+#: only when the push passed it; the head is written in one HSET. A save
+#: costs what the message added, never the conversation's length. Legacy
+#: fields (numbers up to b) are deleted one for one as events pass `retain`.
 APPEND_AND_SAVE = _FORMAT + """
 local n = tonumber(head[2] or '0')
 local fields = {'fence', ticket_text, 'ticket', ticket_text, 'state', state}
@@ -237,15 +276,23 @@ if head[3] or n == 0 then
   fields[#fields + 1] = 'u'
   fields[#fields + 1] = tonumber(head[3] or '0') + users
 end
-local dropped = {}
-for i = first_event, #ARGV do
-  n = n + 1
-  fields[#fields + 1] = format(EVENT, n)
-  fields[#fields + 1] = ARGV[i]
-  if n > retain then
-    dropped[#dropped + 1] = format(EVENT, n - retain)
+-- The legacy boundary, set by the first save: every event so far is a field.
+local b = tonumber(head[4] or n)
+if not head[4] then
+  fields[#fields + 1] = 'b'
+  fields[#fields + 1] = b
+end
+local added = #ARGV - first_event + 1
+if added > 0 then
+  if redis.call('RPUSH', events, unpack(ARGV, first_event)) > retain then
+    redis.call('LTRIM', events, -retain, -1)
   end
 end
+local dropped = {}
+for i = math.max(n + 1 - retain, 1), math.min(n + added - retain, b) do
+  dropped[#dropped + 1] = format(EVENT, i)
+end
+n = n + added
 fields[#fields + 1] = 'n'
 fields[#fields + 1] = n
 redis.call('HSET', record, unpack(fields))
