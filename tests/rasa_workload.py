@@ -25,15 +25,11 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
-
-#: How long before the common start the command is sent, so that every replica begins together.
-START_AHEAD = 0.5
 
 
 @dataclass(frozen=True)
@@ -96,11 +92,13 @@ def run_replicas(
 
     The counter lives at ``counter_key`` in the Redis at ``counter_url`` (it
     need not be the lock store's). Each process gives up ``deadline`` seconds
-    after the start; a process that does not report within ``deadline + 30``
-    seconds is killed and the run fails with its stderr.
+    after the start (and waits as long at most for the others to connect);
+    a process that does not report within ``2 * deadline + 30`` seconds is
+    killed and the run fails with its stderr.
     """
+    ready_key = f"{counter_key}:ready"  # the workers' start barrier
     with redis.Redis.from_url(counter_url) as client:
-        client.delete(counter_key)
+        client.delete(counter_key, ready_key)
     command: dict[str, Any] = {
         "op": "rasa",
         "endpoints": str(endpoints),
@@ -111,6 +109,7 @@ def run_replicas(
         "tasks": tasks,
         "hold": hold,
         "deadline": deadline,
+        "parties": processes,
     }
     workers = [_spawn() for _ in range(processes)]
     try:
@@ -119,15 +118,13 @@ def run_replicas(
             line = worker.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"replica did not start: {line!r}\n{worker.communicate()[1]}")
-        # One start on the host-wide monotonic clock, so that they contend.
-        command["start_at"] = started = time.monotonic() + START_AHEAD
+        # They start together once all have connected (the barrier), so that they contend.
         for worker in workers:
             assert worker.stdin is not None
             worker.stdin.write(json.dumps(command) + "\n")
             worker.stdin.flush()
         # communicate() closes stdin: each worker answers, then exits.
-        outputs = [worker.communicate(timeout=START_AHEAD + deadline + 30) for worker in workers]
-        elapsed = time.monotonic() - started
+        outputs = [worker.communicate(timeout=2 * deadline + 30) for worker in workers]
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -141,7 +138,7 @@ def run_replicas(
         reports.append(answer["result"])
     with redis.Redis.from_url(counter_url) as client:
         counter = int(client.get(counter_key) or 0)
-        client.delete(counter_key)
+        client.delete(counter_key, ready_key)
     holds = sorted((hold for report in reports for hold in report["holds"]), key=lambda hold: hold[1])
     overlaps = sum(later[1] < earlier[2] for earlier, later in itertools.pairwise(holds))
     out_of_order = sum(
@@ -159,6 +156,6 @@ def run_replicas(
         out_of_order=out_of_order,
         processes_served=len({hold[3] for hold in holds}),
         handoffs=sum(a[3] != b[3] for a, b in itertools.pairwise(holds)),
-        elapsed=elapsed,
+        elapsed=max(report["elapsed"] for report in reports),
         errors=tuple(report["error"] for report in reports if report["error"]),
     )

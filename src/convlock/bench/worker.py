@@ -178,11 +178,24 @@ async def throughput(command: dict[str, Any]) -> float:
         await pool.disconnect()
 
 
+async def _barrier(client: Any, key: str, parties: int, timeout: float) -> None:
+    """Wait until ``parties`` processes have counted themselves in at ``key`` (a Redis counter)."""
+    await client.incr(key)
+    give_up = time.monotonic() + timeout
+    while (arrived := int(await client.get(key) or 0)) < parties:
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"only {arrived} of {parties} processes reached the start within {timeout:g}s")
+        await asyncio.sleep(0.001)
+
+
 async def rasa(command: dict[str, Any]) -> dict[str, Any]:
     """The Rasa workload on a store built by Rasa's factory (see the module docstring).
 
     ``messages`` messages on ``conversation``, ``tasks`` at a time (a Rasa
-    server handles many requests at once; default 1). Each holds Rasa's lock
+    server handles many requests at once; default 1). The messages start
+    once ``parties`` processes (default 1) have connected (a barrier on the
+    counter ``<counter_key>:ready``, which the caller clears), and not before
+    ``start_at`` if given. Each holds Rasa's lock
     while it does a non-atomic read-modify-write of the counter at
     ``counter_key`` in the Redis at ``url``. Past ``deadline`` seconds the
     messages still waiting are cancelled and counted as unfinished: Rasa's
@@ -224,7 +237,15 @@ async def rasa(command: dict[str, Any]) -> dict[str, Any]:
             queue.pop()
             await one_message()
 
-    await _until(command["start_at"])
+    # Connect first, on a conversation of this process's own, then wait for
+    # the other replicas to have done the same: a store connects on first
+    # use, and through Sentinel that (asking the sentinels for the master,
+    # then connecting) once took longer than the other replica needed for all
+    # its messages, so that the two never contended.
+    async with store.lock(f"{command['conversation']}-warm-{os.getpid()}", wait_time_in_seconds=0.01):
+        pass
+    await _barrier(counters, f"{key}:ready", command.get("parties", 1), command["deadline"])
+    await _until(command.get("start_at", 0.0))
     started = time.monotonic()
     error = None
     tasks = [asyncio.ensure_future(task()) for _ in range(command.get("tasks", 1))]

@@ -133,18 +133,19 @@ def run(ctx: Context) -> None:
     for name, path in files.items():
         ctx.progress(f"rasa: contended, {name}")
         counter_key = f"{ctx.prefix}-rasa-counter:{name}"
+        ready_key = f"{counter_key}:ready"  # the workers' start barrier
         with redis.Redis.from_url(target.url) as client:
-            client.delete(counter_key)
+            client.delete(counter_key, ready_key)
         command = {"op": "rasa", "endpoints": str(path), "url": target.url, "counter_key": counter_key,
                    "conversation": "rasa-user", "messages": messages, "hold": 0.0005,
-                   "deadline": deadline, "start_at": time.monotonic() + 0.5}
+                   "deadline": deadline, "parties": len(workers)}
         answers = run_all(workers, [command, command])
         failed = [a["error"] for a in answers if a["error"]]
         if failed:  # not a figure: the workload itself broke
             raise RuntimeError(f"rasa workload on {name} failed:\n{failed[0]}")
         with redis.Redis.from_url(target.url) as client:
             counter = int(client.get(counter_key) or 0)
-            client.delete(counter_key)
+            client.delete(counter_key, ready_key)
         completed = sum(len(a["holds"]) for a in answers)
         elapsed[name] = max(a["elapsed"] for a in answers)
         label = f"2 processes x {messages} messages on one conversation"
