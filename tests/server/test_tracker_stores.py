@@ -9,7 +9,7 @@ import pytest
 
 from convlock import ConfigError
 from convlock.server.redis_tracker import RedisTrackerStore
-from convlock.server.tracker import InMemoryTrackerStore, StaleTicketError, TrackerStore
+from convlock.server.tracker import EncodedState, InMemoryTrackerStore, StaleTicketError, TrackerStore
 from convlock.server.tracker_factory import create_tracker_store
 from redis_procs import ClusterSetup, RedisProcess, SentinelSetup
 
@@ -87,6 +87,16 @@ async def test_values_that_are_not_json_write_nothing(store: TrackerStore) -> No
         await store.save("c", ticket=2, new_events=[{"x": object()}], state={})
     record = await store.load("c")
     assert (record.events, record.state, record.ticket) == ([event("a")], {"v": 1}, 1)
+
+
+async def test_a_state_the_server_encoded_is_saved_as_its_text(store: TrackerStore) -> None:
+    # The server proves a state is JSON by encoding it; the built-in stores
+    # save that text rather than encode the state again. (The text here
+    # differs from the dict on purpose, to show which one was saved.)
+    state = EncodedState({"v": 1}, '{"v":1,"from":"text"}')
+    assert state == {"v": 1} and isinstance(state, dict)  # what any other store sees
+    await store.save("c", ticket=1, new_events=[event("a")], state=state)
+    assert (await store.load("c")).state == {"v": 1, "from": "text"}
 
 
 async def test_loaded_state_is_a_copy(store: TrackerStore) -> None:

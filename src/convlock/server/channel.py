@@ -73,7 +73,7 @@ from .disconnect import client_disconnected
 from .handlers import normalize_responses
 from .message_path import MessageTurn
 from .responses import ApiError, render_json
-from .tracker import StaleTicketError, TrackerNotReplicated, TrackerStoreUnavailable, dumps
+from .tracker import EncodedState, StaleTicketError, TrackerNotReplicated, TrackerStoreUnavailable, dumps
 from .validation import (
     message_id_of,
     parse_json,
@@ -370,9 +370,10 @@ async def _locked(
             result = await ctx.handler(message, conversation)
         responses = normalize_responses(result, cid)
         # Prove the results are JSON before anything is saved (the body is
-        # the proof for the responses: it fails on what dumps fails on).
+        # the proof for the responses: it fails on what dumps fails on). The
+        # state's proof is its text, which the built-in stores then save.
         body = render_json(responses)
-        dumps(conversation.state)
+        state = EncodedState(conversation.state, dumps(conversation.state))
     except TimeoutError as exc:
         if not timeout.expired():
             raise _handler_error(cid, exc) from None
@@ -426,7 +427,7 @@ async def _locked(
     new_events = [user_event, *bot_events]
     try:
         reply = None if message.message_id is None else body.decode("ascii")
-        await hold.save(new_events, conversation.state, reply)
+        await hold.save(new_events, state, reply)
     except StaleTicketError as exc:
         raise ApiError(409, "stale_ticket", str(exc)) from None
     t3 = time.perf_counter()

@@ -72,6 +72,7 @@ from .tracker import (
     check_ticket,
     check_window,
     dumps,
+    state_json,
 )
 
 __all__ = ["PAGE_LIMIT", "RedisTrackerStore"]
@@ -356,7 +357,7 @@ class RedisTrackerStore(TrackerStore):
         """A save's arguments after the ticket: TTL, state, message ID and reply, bounds, events."""
         if message_id is not None:
             check_message_id(message_id)
-        args: list[Any] = [self._ttl_ms, dumps(dict(state))]
+        args: list[Any] = [self._ttl_ms, state_json(state)]
         args += [message_id or "", "[]" if reply is None else reply, self.remember_message_ids]
         args += [sum(1 for event in new_events if event.get("event") == "user"), self.retain_events]
         args += [dumps(dict(event)) for event in new_events]

@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_MAX_EVENT_HISTORY",
     "DEFAULT_REMEMBER_MESSAGE_IDS",
     "DEFAULT_RETAIN_EVENTS",
+    "EncodedState",
     "InMemoryTrackerStore",
     "JsonEvents",
     "StaleTicketError",
@@ -358,6 +359,31 @@ def dumps(value: Any) -> str:
     return dumps_text(value)
 
 
+class EncodedState(dict[str, Any]):
+    """A conversation's state with its JSON ``text``, encoded once by the server before the save.
+
+    The server encodes the state to prove it is JSON before anything is
+    saved (a handler's bad value is then its own 500, with nothing written);
+    the built-in stores save that text instead of encoding the state a
+    second time (:func:`state_json`). To any other store it is the plain
+    ``dict`` a save has always received. ``text`` must be ``dumps`` of the
+    dict's items: nothing checks it.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, state: Mapping[str, Any], text: str) -> None:
+        super().__init__(state)
+        self.text = text
+
+
+def state_json(state: Mapping[str, Any]) -> str:
+    """The JSON text a store saves for ``state``: the server's own for an :class:`EncodedState`."""
+    if type(state) is EncodedState:
+        return state.text
+    return dumps(state if type(state) is dict else dict(state))
+
+
 @dataclass(slots=True)
 class _Stored:
     # The last retain_events events as JSON text; `count` counts every event ever
@@ -461,7 +487,7 @@ class InMemoryTrackerStore(TrackerStore):
             check_message_id(message_id)
         # Serialize first: a value that is not JSON must fail before any write.
         encoded_events = [dumps(event if type(event) is dict else dict(event)) for event in new_events]
-        encoded_state = dumps(state if type(state) is dict else dict(state))
+        encoded_state = state_json(state)
         stored = self._records.get(conversation_id)
         if stored is None:  # (setdefault would build a _Stored, deque and all, on every save)
             stored = self._records[conversation_id] = _Stored()
