@@ -94,7 +94,8 @@ async def test_a_state_the_server_encoded_is_saved_as_its_text(store: TrackerSto
     # save that text rather than encode the state again. (The text here
     # differs from the dict on purpose, to show which one was saved.)
     state = EncodedState({"v": 1}, '{"v":1,"from":"text"}')
-    assert state == {"v": 1} and isinstance(state, dict)  # what any other store sees
+    assert isinstance(state, dict)  # what any other store sees: a plain dict of the state
+    assert state == {"v": 1}
     await store.save("c", ticket=1, new_events=[event("a")], state=state)
     assert (await store.load("c")).state == {"v": 1, "from": "text"}
 
