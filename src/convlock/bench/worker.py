@@ -4,7 +4,8 @@ Run as ``python -m convlock.bench.worker``. It prints ``ready``, then reads
 one JSON command per line from stdin and answers each with one JSON line,
 ``{"result": ...}`` or ``{"error": "..."}``; it exits when stdin closes.
 Commands carry ``start_at``, a time on the host-wide monotonic clock, so
-that several workers begin together; the times they report are on that
+that several workers begin together (``rasa`` instead waits at a barrier
+until every worker has connected); the times they report are on that
 clock too, so the parent can order holds across processes.
 
 Commands (``op``):
