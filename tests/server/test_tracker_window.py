@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -232,3 +233,59 @@ async def test_a_conversation_stored_as_event_fields_reads_on_across_the_move(
 
 def _event(text: str) -> dict[str, Any]:
     return {"event": "bot", "text": text}
+
+
+async def test_an_older_replica_appending_fields_during_a_rolling_upgrade_loses_nothing(
+    redis_server: RedisProcess,
+) -> None:
+    """Saves by this version and by the one before it (fields), interleaved at random, read as one history.
+
+    The older version's SAVE script (kept verbatim in fields_layout_save.lua)
+    appends fields after the list; every read of this version sees them in
+    place, and its next save moves them onto the list. A run of more than
+    ``retain_events`` older appends (a long rollout) is covered too.
+    """
+    older_save = (Path(__file__).parent / "fields_layout_save.lua").read_text()
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="mixed")
+    store = RedisTrackerStore(
+        create_client(settings, retries=0), key_prefix="mixed", max_event_history=8, retain_events=30
+    )
+    record_key, _, ids, order = store.keys("c")
+    rng = random.Random(11)
+    texts: list[str] = []
+    run = longest_run = 0  # events the older version appended in a row
+    try:
+        with redis_server.client() as client:
+            older = client.register_script(older_save)
+            for ticket in range(1, 120):
+                long_run = 60 <= ticket < 75  # 45 events in a row by the older version
+                new = [f"t{ticket}e{k}" for k in range(3 if long_run else rng.randrange(5))]
+                events = [_event(t) for t in new]
+                if ticket < 10 or long_run or rng.random() < 0.3:
+                    older(keys=[record_key, ids, order],
+                          args=[ticket, 0, json.dumps({"t": ticket}), "", "[]", 1000, 0, 30,
+                                *[json.dumps(e) for e in events]])
+                    run += len(events)
+                    longest_run = max(longest_run, run)
+                else:
+                    await store.save("c", ticket=ticket, new_events=events, state={"t": ticket})
+                    run = 0
+                    # This version's save moved the older one's fields onto the list:
+                    # only those from before its first save (up to b) are left.
+                    numbers = [int(f[2:]) for f in client.hkeys(record_key) if f.startswith("e:")]
+                    assert max(numbers, default=0) <= int(client.hget(record_key, "b")), ticket
+                texts += new
+                kept = texts[-30:]
+                record = await store.load("c", ticket=ticket)
+                assert [e["text"] for e in record.events] == kept[-8:], ticket
+                assert (record.event_count, record.state) == (len(texts), {"t": ticket})
+                paged: list[str] = []
+                while page := await store.events("c", after=len(texts) - len(kept) + len(paged), limit=7):
+                    paged += [e["text"] for e in page]
+                assert paged == kept, ticket
+            assert longest_run > 30  # an older run longer than retain_events was read across
+    finally:
+        await store.aclose()
+        with redis_server.client() as client:
+            for k in client.scan_iter(match="mixed:*"):
+                client.delete(k)

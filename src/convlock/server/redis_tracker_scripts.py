@@ -32,19 +32,21 @@ once where they can.
 Keys (all share the conversation's hash tag ``{E}``, hence one Cluster slot):
 
 * ``record``: ``P:tracker:{E}``, hash of ``fence``, ``ticket``, ``state``,
-  ``n`` (events ever appended), ``u`` (user turns stored) and ``b`` (the
-  legacy boundary, below);
-* ``events``: ``P:tracker:{E}:ev``, list of the events after the first
-  ``b``, oldest first, trimmed to the last ``retain`` (``LTRIM`` only when a
-  push passes the bound: O(1) amortized per event). Event ``i`` is at the
-  negative index ``i - n - 1`` (-1 is the newest), whatever was trimmed,
+  ``n`` (events ever appended), ``u`` (user turns stored), ``b`` and ``l``
+  (where the events are, below);
+* ``events``: ``P:tracker:{E}:ev``, list of events ``b + 1`` to ``l``,
+  oldest first, trimmed to the last ``retain`` (``LTRIM`` only when a push
+  passes the bound: O(1) amortized per event). Event ``i`` is at the
+  negative index ``i - l - 1`` (-1 is event ``l``), whatever was trimmed,
   so a window is one ``LRANGE -window -1`` and a page needs no ``LLEN``;
-* legacy events: a conversation first saved by a version that kept events
-  as hash fields ``e:<i>`` keeps those fields. Its first save by this
-  version stores ``b = n`` (a new conversation stores ``b = 0``); events up
-  to ``b`` are read from the fields, later ones from the list, and a record
-  without ``b`` is all fields (``b = n``). Retention deletes those fields
-  one for one as before, so after ``retain`` more events none is left;
+* events kept as hash fields ``e:<i>``, as versions before the list did:
+  those up to ``b`` (a conversation's events before this version first
+  saved it; ``b = 0`` for a new one), and those after ``l``, which an older
+  replica still running during a rolling upgrade appended. A save moves the
+  ones after ``l`` onto the list first (as many as were appended since the
+  last save of this version), so in steady state ``l = n`` and a read is
+  the list alone. A record without ``b`` is all fields (``b = l = n``).
+  Retention deletes the fields up to ``b`` one for one, as before;
 * ``ids``: ``P:tracker:{E}:ids``, hash of message ID -> reply (JSON text);
 * ``order``: ``P:tracker:{E}:ido``, list of the remembered IDs, oldest
   first, so that forgetting the oldest is one ``LPOP``: remembering costs
@@ -58,18 +60,18 @@ interleaved, events of 160 bytes):
 
 * memory of a conversation with 10,000 events: 2.44 MB as fields, 1.71 MB
   as a list (the events' own bytes: 1.64 MB);
-* a message of a long conversation (window 100): the in-script 148 -> 116
-  us, the out-script 44 -> 53 us (one more call, ``RPUSH``): 192 -> 169 us
+* a message of a long conversation (window 100): the in-script 185 -> 141
+  us, the out-script 58 -> 70 us (one more call, ``RPUSH``): 243 -> 211 us
   of Redis time per message;
-* a message of a 20-message conversation: 111 -> 110 us (unchanged).
+* a message of a 20-message conversation: 143 -> 140 us (unchanged).
 
 Redis's memory and CPU are what every replica shares, so their cost per
 conversation and per message is what bounds a deployment.
 
 Replies: ``{0, fence}`` a stale ticket; ``{1, fence, ticket, state, n, u,
-{events...}}`` a load (the last ``window`` events, oldest first, null where
-retention dropped a legacy field; a load reads O(window) whatever the
-conversation's length); ``{2, reply}`` a remembered
+{events...}}`` a load (the last ``window`` events, oldest first; null, or
+an empty string, where retention dropped a field, which the reader skips;
+a load reads O(window) whatever the conversation's length); ``{2, reply}`` a remembered
 message ID; ``{1, n}`` a save's event count.
 
 ``CONFIRM`` serves the replay path when saves must reach replicas: it
@@ -122,25 +124,34 @@ _FORMAT = """
 local format, EVENT = string.format, 'e:%d'
 """
 
-# read_events(from, to, n, b): events from..to (1 <= from, to <= n) that are
-# still kept, oldest first: legacy fields up to b (false where retention
-# dropped one), then the list. Only a conversation with legacy fields in
-# the range pays for names and a second call.
+# read_events(from, to, b, l): events from..to (1 <= from, to <= n) that
+# are still kept, oldest first: fields up to b (false where retention
+# dropped one), the list (b, l], fields after l. A range inside (b, l], the
+# steady state, is one LRANGE; only a range that reaches fields pays for
+# their names and more calls.
 _READ_EVENTS = _FORMAT + """
-local function read_events(from, to, n, b)
-  if from > to then return {} end
-  local listed = {}
-  if to > b then
-    listed = redis.call('LRANGE', events, math.max(from, b + 1) - n - 1, to - n - 1)
-    if from > b then return listed end
+local function read_events(from, to, b, l)
+  if from > b and to <= l then
+    if from > to then return {} end
+    return redis.call('LRANGE', events, from - l - 1, to - l - 1)
   end
-  local names, k = {}, 0
-  for i = from, math.min(to, b) do
-    k = k + 1
-    names[k] = format(EVENT, i)
+  local out = {}
+  local function add(list)
+    for _, event in ipairs(list) do out[#out + 1] = event end
   end
-  local out = redis.call('HMGET', record, unpack(names))
-  for _, event in ipairs(listed) do out[#out + 1] = event end
+  local function fields(lo, hi)
+    if lo > hi then return end
+    local names, k = {}, 0
+    for i = lo, hi do
+      k = k + 1
+      names[k] = format(EVENT, i)
+    end
+    add(redis.call('HMGET', record, unpack(names)))
+  end
+  fields(from, math.min(to, b))
+  local lo, hi = math.max(from, b + 1), math.min(to, l)
+  if lo <= hi then add(redis.call('LRANGE', events, lo - l - 1, hi - l - 1)) end
+  fields(math.max(from, l + 1), to)
   return out
 end
 """
@@ -158,9 +169,9 @@ end
 """
 
 # The hash's head: fence, ticket, state, n (events ever appended), u (user
-# turns), b (legacy boundary; absent: every event is a legacy field).
+# turns), b and l (the list holds events b + 1 to l; absent: all are fields).
 _READ_HEAD = """
-local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u', 'b')
+local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u', 'b', 'l')
 """
 
 #: A ticket below the fence is refused; a higher one raises it. Reads the
@@ -200,7 +211,7 @@ _READ_WINDOW = _READ_EVENTS + """
 local n = tonumber(head[4] or '0')
 local window_events = {}
 if n > 0 and window > 0 then
-  window_events = read_events(math.max(1, n - window + 1), n, n, tonumber(head[6] or n))
+  window_events = read_events(math.max(1, n - window + 1), n, tonumber(head[6] or n), tonumber(head[7] or n))
 end
 return {1, head[1] or '0', head[2] or '0', head[3] or '', n, head[5] or '', window_events}
 """
@@ -222,13 +233,13 @@ EVENTS = """
 local record, events = KEYS[1], KEYS[2]
 local after, limit, retain = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 """ + _READ_EVENTS + """
-local head = redis.call('HMGET', record, 'n', 'b')
+local head = redis.call('HMGET', record, 'n', 'b', 'l')
 local n = tonumber(head[1] or '0')
 local from = math.max(after + 1, n - retain + 1, 1)
 local to = math.min(n, from + limit - 1)
 local out = {n}
-for _, event in ipairs(read_events(from, to, n, tonumber(head[2] or n))) do
-  if event then out[#out + 1] = event end
+for _, event in ipairs(read_events(from, to, tonumber(head[2] or n), tonumber(head[3] or n))) do
+  if event and event ~= '' then out[#out + 1] = event end
 end
 return out
 """
@@ -256,17 +267,18 @@ local ticket = tonumber(ticket_text)
 _SAVE_HEADER = save_locals(1, 2)
 
 #: A ticket below the fence is refused, and nothing is written. Reads the
-#: counts (n, u) and the legacy boundary (b) for APPEND_AND_SAVE.
+#: counts (n, u) and where the events are (b, l) for APPEND_AND_SAVE.
 FENCE_CHECK = """
-local head = redis.call('HMGET', record, 'fence', 'n', 'u', 'b')
+local head = redis.call('HMGET', record, 'fence', 'n', 'u', 'b', 'l')
 local fence_text = head[1] or '0'
 if ticket < tonumber(fence_text) then return {0, fence_text} end
 """
 
 #: Events are pushed on the list in one RPUSH, trimmed to the last `retain`
 #: only when the push passed it; the head is written in one HSET. A save
-#: costs what the message added, never the conversation's length. Legacy
-#: fields (numbers up to b) are deleted one for one as events pass `retain`.
+#: costs what the message added, never the conversation's length. Fields up
+#: to b are deleted one for one as events pass `retain`; fields after l (an
+#: older replica's appends) are moved onto the list first.
 APPEND_AND_SAVE = _FORMAT + """
 local n = tonumber(head[2] or '0')
 local fields = {'fence', ticket_text, 'ticket', ticket_text, 'state', state}
@@ -276,17 +288,35 @@ if head[3] or n == 0 then
   fields[#fields + 1] = 'u'
   fields[#fields + 1] = tonumber(head[3] or '0') + users
 end
--- The legacy boundary, set by the first save: every event so far is a field.
-local b = tonumber(head[4] or n)
+-- The first save by this version: every event so far is a field.
+local b, l = tonumber(head[4] or n), tonumber(head[5] or n)
 if not head[4] then
   fields[#fields + 1] = 'b'
   fields[#fields + 1] = b
 end
-local added = #ARGV - first_event + 1
-if added > 0 then
-  if redis.call('RPUSH', events, unpack(ARGV, first_event)) > retain then
-    redis.call('LTRIM', events, -retain, -1)
+local pushed = {}
+if l < n then
+  -- An older replica appended events l + 1 .. n as fields: they go first.
+  local names, k = {}, 0
+  for i = l + 1, n do
+    k = k + 1
+    names[k] = format(EVENT, i)
   end
+  pushed = redis.call('HMGET', record, unpack(names))
+  redis.call('HDEL', record, unpack(names))
+end
+for i = first_event, #ARGV do
+  pushed[#pushed + 1] = ARGV[i]
+end
+-- (false: a field that retention dropped during an older replica's run of
+-- more than `retain` appends. An empty string keeps the numbering, and
+-- readers skip it as they skip a dropped field.)
+for i = 1, #pushed do
+  if not pushed[i] then pushed[i] = '' end
+end
+local added = #ARGV - first_event + 1
+if #pushed > 0 and redis.call('RPUSH', events, unpack(pushed)) > retain then
+  redis.call('LTRIM', events, -retain, -1)
 end
 local dropped = {}
 for i = math.max(n + 1 - retain, 1), math.min(n + added - retain, b) do
@@ -294,6 +324,8 @@ for i = math.max(n + 1 - retain, 1), math.min(n + added - retain, b) do
 end
 n = n + added
 fields[#fields + 1] = 'n'
+fields[#fields + 1] = n
+fields[#fields + 1] = 'l'
 fields[#fields + 1] = n
 redis.call('HSET', record, unpack(fields))
 if #dropped > 0 then
