@@ -289,3 +289,34 @@ async def test_an_older_replica_appending_fields_during_a_rolling_upgrade_loses_
         with redis_server.client() as client:
             for k in client.scan_iter(match="mixed:*"):
                 client.delete(k)
+
+
+async def test_a_long_run_of_an_older_replicas_appends_moves_in_pieces(redis_server: RedisProcess) -> None:
+    """9,000 events appended as fields by the older version move onto the list in one save, in order."""
+    older_save = (Path(__file__).parent / "fields_layout_save.lua").read_text()
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="run")
+    store = RedisTrackerStore(create_client(settings, retries=0), key_prefix="run", max_event_history=5)
+    record_key, events_key, ids, order = store.keys("c")
+    try:
+        await store.save("c", ticket=1, new_events=[_event("first")], state={})
+        texts = ["first"]
+        with redis_server.client() as client:
+            older = client.register_script(older_save)
+            for ticket in range(2, 20):  # 18 saves of 500: more than Lua's unpack takes at once
+                new = [f"t{ticket}e{k}" for k in range(500)]
+                older(keys=[record_key, ids, order],
+                      args=[ticket, 0, "{}", "", "[]", 1000, 0, 10_000, *[json.dumps(_event(t)) for t in new]])
+                texts += new
+            await store.save("c", ticket=20, new_events=[_event("last")], state={})
+            texts.append("last")
+            assert not [f for f in client.hkeys(record_key) if f.startswith("e:")]
+            assert client.llen(events_key) == len(texts) == 9002
+        record = await store.load("c")
+        assert [e["text"] for e in record.events] == texts[-5:]
+        page = await store.events("c", after=1, limit=3)
+        assert [e["text"] for e in page] == texts[1:4]
+    finally:
+        await store.aclose()
+        with redis_server.client() as client:
+            for k in client.scan_iter(match="run:*"):
+                client.delete(k)

@@ -294,28 +294,34 @@ if not head[4] then
   fields[#fields + 1] = 'b'
   fields[#fields + 1] = b
 end
-local pushed = {}
-if l < n then
-  -- An older replica appended events l + 1 .. n as fields: they go first.
+-- An older replica appended events l + 1 .. n as fields: they go onto the
+-- list first, a thousand at a time (Lua's unpack takes a few thousand
+-- values at most). Of a run longer than `retain`, only the last `retain`
+-- are kept: the older replica's own retention dropped the rest. A field
+-- missing among them (an older replica with a smaller `retain`) goes on as
+-- an empty string, which keeps the numbering and which readers skip.
+local length = 0
+local from = math.max(l + 1, n - retain + 1)
+while from <= n do
+  local to = math.min(n, from + 999)
   local names, k = {}, 0
-  for i = l + 1, n do
+  for i = from, to do
     k = k + 1
     names[k] = format(EVENT, i)
   end
-  pushed = redis.call('HMGET', record, unpack(names))
+  local moved = redis.call('HMGET', record, unpack(names))
+  for i = 1, k do
+    if not moved[i] then moved[i] = '' end
+  end
+  length = redis.call('RPUSH', events, unpack(moved))
   redis.call('HDEL', record, unpack(names))
-end
-for i = first_event, #ARGV do
-  pushed[#pushed + 1] = ARGV[i]
-end
--- (false: a field that retention dropped during an older replica's run of
--- more than `retain` appends. An empty string keeps the numbering, and
--- readers skip it as they skip a dropped field.)
-for i = 1, #pushed do
-  if not pushed[i] then pushed[i] = '' end
+  from = to + 1
 end
 local added = #ARGV - first_event + 1
-if #pushed > 0 and redis.call('RPUSH', events, unpack(pushed)) > retain then
+if added > 0 then
+  length = redis.call('RPUSH', events, unpack(ARGV, first_event))
+end
+if length > retain then
   redis.call('LTRIM', events, -retain, -1)
 end
 local dropped = {}
