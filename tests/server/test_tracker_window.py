@@ -235,6 +235,22 @@ def _event(text: str) -> dict[str, Any]:
     return {"event": "bot", "text": text}
 
 
+class _OlderSave:
+    """The SAVE script of the version before the list (fields_layout_save.lua), as an older replica runs it."""
+
+    def __init__(self, client: Any, store: RedisTrackerStore, conversation_id: str) -> None:
+        self._script = client.register_script((Path(__file__).parent / "fields_layout_save.lua").read_text())
+        record, _, ids, order = store.keys(conversation_id)
+        self._keys = [record, ids, order]  # it knew no events list
+        self._retain = store.retain_events
+
+    def save(self, ticket: int, events: list[dict[str, Any]], *, state: dict[str, Any]) -> None:
+        # ARGV: ticket, TTL (0: none), state, message ID, reply, remember, users, retain, events.
+        self._script(keys=self._keys, args=[
+            ticket, 0, json.dumps(state), "", "[]", 1000, 0, self._retain, *[json.dumps(e) for e in events],
+        ])
+
+
 async def test_an_older_replica_appending_fields_during_a_rolling_upgrade_loses_nothing(
     redis_server: RedisProcess,
 ) -> None:
@@ -245,26 +261,23 @@ async def test_an_older_replica_appending_fields_during_a_rolling_upgrade_loses_
     place, and its next save moves them onto the list. A run of more than
     ``retain_events`` older appends (a long rollout) is covered too.
     """
-    older_save = (Path(__file__).parent / "fields_layout_save.lua").read_text()
     settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="mixed")
     store = RedisTrackerStore(
         create_client(settings, retries=0), key_prefix="mixed", max_event_history=8, retain_events=30
     )
-    record_key, _, ids, order = store.keys("c")
+    record_key = store.key("c")
     rng = random.Random(11)
     texts: list[str] = []
     run = longest_run = 0  # events the older version appended in a row
     try:
         with redis_server.client() as client:
-            older = client.register_script(older_save)
+            older = _OlderSave(client, store, "c")
             for ticket in range(1, 120):
                 long_run = 60 <= ticket < 75  # 45 events in a row by the older version
                 new = [f"t{ticket}e{k}" for k in range(3 if long_run else rng.randrange(5))]
                 events = [_event(t) for t in new]
                 if ticket < 10 or long_run or rng.random() < 0.3:
-                    older(keys=[record_key, ids, order],
-                          args=[ticket, 0, json.dumps({"t": ticket}), "", "[]", 1000, 0, 30,
-                                *[json.dumps(e) for e in events]])
+                    older.save(ticket, events, state={"t": ticket})
                     run += len(events)
                     longest_run = max(longest_run, run)
                 else:
@@ -293,19 +306,17 @@ async def test_an_older_replica_appending_fields_during_a_rolling_upgrade_loses_
 
 async def test_a_long_run_of_an_older_replicas_appends_moves_in_pieces(redis_server: RedisProcess) -> None:
     """9,000 events appended as fields by the older version move onto the list in one save, in order."""
-    older_save = (Path(__file__).parent / "fields_layout_save.lua").read_text()
     settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="run")
     store = RedisTrackerStore(create_client(settings, retries=0), key_prefix="run", max_event_history=5)
-    record_key, events_key, ids, order = store.keys("c")
+    record_key, events_key = store.keys("c")[:2]
     try:
         await store.save("c", ticket=1, new_events=[_event("first")], state={})
         texts = ["first"]
         with redis_server.client() as client:
-            older = client.register_script(older_save)
+            older = _OlderSave(client, store, "c")
             for ticket in range(2, 20):  # 18 saves of 500: more than Lua's unpack takes at once
                 new = [f"t{ticket}e{k}" for k in range(500)]
-                older(keys=[record_key, ids, order],
-                      args=[ticket, 0, "{}", "", "[]", 1000, 0, 10_000, *[json.dumps(_event(t)) for t in new]])
+                older.save(ticket, [_event(t) for t in new], state={})
                 texts += new
             await store.save("c", ticket=20, new_events=[_event("last")], state={})
             texts.append("last")

@@ -195,8 +195,7 @@ async def rasa(command: dict[str, Any]) -> dict[str, Any]:
     ``messages`` messages on ``conversation``, ``tasks`` at a time (a Rasa
     server handles many requests at once; default 1). The messages start
     once ``parties`` processes (default 1) have connected (a barrier on the
-    counter ``<counter_key>:ready``, which the caller clears), and not before
-    ``start_at`` if given. Each holds Rasa's lock
+    counter ``<counter_key>:ready``, which the caller clears). Each holds Rasa's lock
     while it does a non-atomic read-modify-write of the counter at
     ``counter_key`` in the Redis at ``url``. Past ``deadline`` seconds the
     messages still waiting are cancelled and counted as unfinished: Rasa's
@@ -246,7 +245,6 @@ async def rasa(command: dict[str, Any]) -> dict[str, Any]:
     async with store.lock(f"{command['conversation']}-warm-{os.getpid()}", wait_time_in_seconds=0.01):
         pass
     await _barrier(counters, f"{key}:ready", command.get("parties", 1), command["deadline"])
-    await _until(command.get("start_at", 0.0))
     started = time.monotonic()
     error = None
     tasks = [asyncio.ensure_future(task()) for _ in range(command.get("tasks", 1))]

@@ -116,12 +116,20 @@ local ticket = tonumber(ticket_text)
 """
 
 
-# A legacy event i's field is 'e:<i>', named by format(EVENT, i), not
+# A field-kept event i is 'e:<i>', named by format('e:%d', i), not
 # 'e:' .. i: Lua turns a number into text as a double ('%.14g') before
 # concatenating, and 100 names cost a script 22 us that way against 13 us
-# (SLOWLOG medians, Redis 7.0, interleaved).
-_FORMAT = """
-local format, EVENT = string.format, 'e:%d'
+# (SLOWLOG medians, Redis 7.0, interleaved). event_names(from, to) names a
+# run of them (none when from > to), for one HMGET or HDEL.
+_EVENT_NAMES = """
+local function event_names(from, to)
+  local format, names, k = string.format, {}, 0
+  for i = from, to do
+    k = k + 1
+    names[k] = format('e:%d', i)
+  end
+  return names
+end
 """
 
 # read_events(from, to, b, l): events from..to (1 <= from, to <= n) that
@@ -129,7 +137,7 @@ local format, EVENT = string.format, 'e:%d'
 # dropped one), the list (b, l], fields after l. A range inside (b, l], the
 # steady state, is one LRANGE; only a range that reaches fields pays for
 # their names and more calls.
-_READ_EVENTS = _FORMAT + """
+_READ_EVENTS = _EVENT_NAMES + """
 local function read_events(from, to, b, l)
   if from > b and to <= l then
     if from > to then return {} end
@@ -140,13 +148,7 @@ local function read_events(from, to, b, l)
     for _, event in ipairs(list) do out[#out + 1] = event end
   end
   local function fields(lo, hi)
-    if lo > hi then return end
-    local names, k = {}, 0
-    for i = lo, hi do
-      k = k + 1
-      names[k] = format(EVENT, i)
-    end
-    add(redis.call('HMGET', record, unpack(names)))
+    if lo <= hi then add(redis.call('HMGET', record, unpack(event_names(lo, hi)))) end
   end
   fields(from, math.min(to, b))
   local lo, hi = math.max(from, b + 1), math.min(to, l)
@@ -279,7 +281,7 @@ if ticket < tonumber(fence_text) then return {0, fence_text} end
 #: costs what the message added, never the conversation's length. Fields up
 #: to b are deleted one for one as events pass `retain`; fields after l (an
 #: older replica's appends) are moved onto the list first.
-APPEND_AND_SAVE = _FORMAT + """
+APPEND_AND_SAVE = _EVENT_NAMES + """
 local n = tonumber(head[2] or '0')
 local fields = {'fence', ticket_text, 'ticket', ticket_text, 'state', state}
 -- The turn count, kept from the first save on. (A conversation saved before
@@ -304,13 +306,9 @@ local length = 0
 local from = math.max(l + 1, n - retain + 1)
 while from <= n do
   local to = math.min(n, from + 999)
-  local names, k = {}, 0
-  for i = from, to do
-    k = k + 1
-    names[k] = format(EVENT, i)
-  end
+  local names = event_names(from, to)
   local moved = redis.call('HMGET', record, unpack(names))
-  for i = 1, k do
+  for i = 1, #names do
     if not moved[i] then moved[i] = '' end
   end
   length = redis.call('RPUSH', events, unpack(moved))
@@ -324,10 +322,7 @@ end
 if length > retain then
   redis.call('LTRIM', events, -retain, -1)
 end
-local dropped = {}
-for i = math.max(n + 1 - retain, 1), math.min(n + added - retain, b) do
-  dropped[#dropped + 1] = format(EVENT, i)
-end
+local dropped = event_names(math.max(n + 1 - retain, 1), math.min(n + added - retain, b))
 n = n + added
 fields[#fields + 1] = 'n'
 fields[#fields + 1] = n
