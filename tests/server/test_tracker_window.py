@@ -8,6 +8,7 @@ drops the oldest events one for one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import AsyncIterator
@@ -32,15 +33,22 @@ async def store(request: pytest.FixtureRequest, redis_server: RedisProcess) -> A
     if request.param == "memory":
         yield InMemoryTrackerStore(max_event_history=20, retain_events=1000)
         return
-    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="win")
-    redis_store = RedisTrackerStore(
-        create_client(settings, retries=0), key_prefix="win", max_event_history=20, retain_events=1000
-    )
-    yield redis_store
-    with redis_server.client() as client:
-        for key in client.scan_iter(match="win:*"):
-            client.delete(key)
-    await redis_store.aclose()
+    async with _redis_store(redis_server, "win", max_event_history=20, retain_events=1000) as redis_store:
+        yield redis_store
+
+
+@contextlib.asynccontextmanager
+async def _redis_store(redis_server: RedisProcess, prefix: str, **options: Any) -> AsyncIterator[RedisTrackerStore]:
+    """A Redis tracker store under its own key prefix; every key under it is deleted afterwards."""
+    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix=prefix)
+    store = RedisTrackerStore(create_client(settings, retries=0), key_prefix=prefix, **options)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        with redis_server.client() as client:
+            for key in client.scan_iter(match=f"{prefix}:*"):
+                client.delete(key)
 
 
 def _turn(i: int) -> list[dict[str, Any]]:
@@ -97,10 +105,8 @@ async def test_older_events_walk_back_from_the_window(store: TrackerStore) -> No
 
 
 async def test_retention_drops_the_oldest_events_one_for_one(redis_server: RedisProcess) -> None:
-    stores: list[TrackerStore] = [InMemoryTrackerStore(max_event_history=10, retain_events=50)]
-    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="ret")
-    stores.append(RedisTrackerStore(create_client(settings, retries=0), key_prefix="ret", max_event_history=10, retain_events=50))
-    try:
+    async with _redis_store(redis_server, "ret", max_event_history=10, retain_events=50) as redis_store:
+        stores: list[TrackerStore] = [InMemoryTrackerStore(max_event_history=10, retain_events=50), redis_store]
         for store in stores:
             await _fill(store, "kept", 60, per_save=7)  # 120 events, 50 kept
             record = await store.load("kept")
@@ -111,11 +117,6 @@ async def test_retention_drops_the_oldest_events_one_for_one(redis_server: Redis
         with redis_server.client() as client:
             assert client.llen("ret:tracker:{kept}:ev") == 50
             assert not [f for f in client.hkeys("ret:tracker:{kept}") if f.startswith("e:")]
-    finally:
-        await stores[1].aclose()
-        with redis_server.client() as client:
-            for key in client.scan_iter(match="ret:*"):
-                client.delete(key)
 
 
 def test_the_window_may_not_exceed_what_is_kept() -> None:
@@ -156,11 +157,9 @@ async def test_a_handler_sees_the_window_of_a_10000_event_conversation(
 
 async def test_the_window_is_the_last_events_whatever_the_save_sizes(redis_server: RedisProcess) -> None:
     """Saves of 0 to 12 events, below, at and above a window of 7: each load sees exactly the last 7."""
-    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="sizes")
-    store = RedisTrackerStore(create_client(settings, retries=0), key_prefix="sizes", max_event_history=7)
     rng = random.Random(5)
     texts: list[str] = []
-    try:
+    async with _redis_store(redis_server, "sizes", max_event_history=7) as store:
         for ticket in range(1, 60):
             new = [f"t{ticket}e{k}" for k in range(rng.randrange(13))]
             texts += new
@@ -169,11 +168,6 @@ async def test_the_window_is_the_last_events_whatever_the_save_sizes(redis_serve
             record = await store.load("sizes", ticket=ticket)
             assert [e["text"] for e in record.events] == texts[-7:]
             assert record.event_count == len(texts)
-    finally:
-        await store.aclose()
-        with redis_server.client() as client:
-            for key in client.scan_iter(match="sizes:*"):
-                client.delete(key)
 
 
 @pytest.mark.parametrize("with_turns", [True, False])
@@ -194,12 +188,8 @@ async def test_a_conversation_stored_as_event_fields_reads_on_across_the_move(
         head["u"] = 15
     with redis_server.client() as client:
         client.hset(key, mapping={**head, **{f"e:{i}": json.dumps(_event(t)) for i, t in enumerate(texts, 1)}})
-    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="legacy")
-    store = RedisTrackerStore(
-        create_client(settings, retries=0), key_prefix="legacy", max_event_history=8, retain_events=40
-    )
     rng = random.Random(7)
-    try:
+    async with _redis_store(redis_server, "legacy", max_event_history=8, retain_events=40) as store:
         record = await store.load("old")
         assert [e["text"] for e in record.events] == texts[-8:]
         assert (record.event_count, record.state) == (30, {"k": 1})
@@ -224,11 +214,6 @@ async def test_a_conversation_stored_as_event_fields_reads_on_across_the_move(
         assert len(texts) - 40 > 30  # the run went past every field
         record = await store.load("old", ticket=30)
         assert record.turn == (15 if with_turns else 0)  # bot events only: the turn never moved
-    finally:
-        await store.aclose()
-        with redis_server.client() as client:
-            for k in client.scan_iter(match="legacy:*"):
-                client.delete(k)
 
 
 def _event(text: str) -> dict[str, Any]:
@@ -261,15 +246,11 @@ async def test_an_older_replica_appending_fields_during_a_rolling_upgrade_loses_
     place, and its next save moves them onto the list. A run of more than
     ``retain_events`` older appends (a long rollout) is covered too.
     """
-    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="mixed")
-    store = RedisTrackerStore(
-        create_client(settings, retries=0), key_prefix="mixed", max_event_history=8, retain_events=30
-    )
-    record_key = store.key("c")
     rng = random.Random(11)
     texts: list[str] = []
     run = longest_run = 0  # events the older version appended in a row
-    try:
+    async with _redis_store(redis_server, "mixed", max_event_history=8, retain_events=30) as store:
+        record_key = store.key("c")
         with redis_server.client() as client:
             older = _OlderSave(client, store, "c")
             for ticket in range(1, 120):
@@ -297,19 +278,12 @@ async def test_an_older_replica_appending_fields_during_a_rolling_upgrade_loses_
                     paged += [e["text"] for e in page]
                 assert paged == kept, ticket
             assert longest_run > 30  # an older run longer than retain_events was read across
-    finally:
-        await store.aclose()
-        with redis_server.client() as client:
-            for k in client.scan_iter(match="mixed:*"):
-                client.delete(k)
 
 
 async def test_a_long_run_of_an_older_replicas_appends_moves_in_pieces(redis_server: RedisProcess) -> None:
     """9,000 events appended as fields by the older version move onto the list in one save, in order."""
-    settings = RedisSettings(url=redis_server.host, port=redis_server.port, db=0, key_prefix="run")
-    store = RedisTrackerStore(create_client(settings, retries=0), key_prefix="run", max_event_history=5)
-    record_key, events_key = store.keys("c")[:2]
-    try:
+    async with _redis_store(redis_server, "run", max_event_history=5) as store:
+        record_key, events_key = store.keys("c")[:2]
         await store.save("c", ticket=1, new_events=[_event("first")], state={})
         texts = ["first"]
         with redis_server.client() as client:
@@ -326,8 +300,3 @@ async def test_a_long_run_of_an_older_replicas_appends_moves_in_pieces(redis_ser
         assert [e["text"] for e in record.events] == texts[-5:]
         page = await store.events("c", after=1, limit=3)
         assert [e["text"] for e in page] == texts[1:4]
-    finally:
-        await store.aclose()
-        with redis_server.client() as client:
-            for k in client.scan_iter(match="run:*"):
-                client.delete(k)
