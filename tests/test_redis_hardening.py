@@ -226,6 +226,25 @@ async def test_every_key_has_a_ttl_and_numbers_are_integer_strings(fresh_redis: 
     await _until_no_keys(fresh_redis)
 
 
+def test_tickets_up_to_2_53_are_written_exactly(fresh_redis: RedisProcess) -> None:
+    # The scripts print numbers with '%d' where Lua's long has 64 bits: a
+    # counter just below 2^53 (the last integer a double holds exactly)
+    # must come back digit for digit, not rounded or in exponent form.
+    state = KeySpace(PREFIX).keys("big").state
+    last = 2**53 - 2
+    with fresh_redis.client() as client:
+        client.hset(state, "n", str(last))
+        client.pexpire(state, 60_000)
+        ticket = client.eval(scripts.ISSUE.source, 1, state, 5_000_000, "x:1")
+        assert ticket == last + 1
+        assert client.hget(state, "n") == str(last + 1)
+        assert client.hget(state, "h") == str(last + 1)
+        # The release keeps the counter alone while the clock has not passed it.
+        assert client.eval(scripts.RELEASE.source, 1, state, str(ticket), "0", "") == 1
+        assert client.hgetall(state) == {"n": str(last + 1)}
+        assert client.pttl(state) > 0
+
+
 # -- 5. timing on the client's clock
 
 
