@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis._parsers import _AsyncRESP3Parser
 from redis.exceptions import NoScriptError, ResponseError
 
-from convlock.redis.commands import CommandPath, _parsed_replies
+from convlock.redis.commands import CommandPath
 from redis_procs import RedisProcess
 
 
@@ -133,12 +134,12 @@ async def test_the_lane_writes_directly_with_this_redis_py(client: aioredis.Redi
     await path.aclose()
 
 
-async def test_the_lane_reads_batched_replies_from_hiredis_with_this_redis_py(client: aioredis.Redis) -> None:
-    """The drain of parsed replies depends on redis-py's hiredis reader: fail if it stops being found."""
+async def test_the_lane_reads_in_the_transports_callback_with_this_redis_py(client: aioredis.Redis) -> None:
+    """Reading in data_received depends on redis-py's hiredis reader and StreamWriter: fail if they go."""
     path = CommandPath(client, budget=8, timeout=5)
     assert await path.call("PING")
     assert path._lane is not None
-    assert _parsed_replies(path._lane._connection) is not None
+    assert path._lane.reads_in_callbacks
     # A batch whose replies arrive together, an unknown script's error among them.
     replies = await asyncio.gather(
         *(path.call("ECHO", f"r{n}") for n in range(50)), path.call("EVALSHA", "0" * 40, 0),
@@ -166,3 +167,23 @@ async def test_push_messages_on_the_lane_reach_no_caller(client: aioredis.Redis)
     assert path._lane is not None
     assert not path._lane.closed
     await path.aclose()
+
+
+async def test_without_hiredis_parsing_a_reader_task_keeps_the_lane_in_step(redis_server: RedisProcess) -> None:
+    """redis-py's pure-Python parser has no hiredis reader to feed: the lane reads through read_response."""
+    pool = aioredis.ConnectionPool(**redis_server.client_kwargs(), db=5, parser_class=_AsyncRESP3Parser)
+    client = aioredis.Redis(connection_pool=pool)
+    path = CommandPath(client, budget=8, timeout=5)
+    try:
+        assert await path.call("PING")
+        assert path._lane is not None
+        assert not path._lane.reads_in_callbacks
+        replies = await asyncio.gather(
+            *(path.call("ECHO", f"r{n}") for n in range(50)), path.call("EVALSHA", "0" * 40, 0),
+            return_exceptions=True,
+        )
+        assert replies[:50] == [f"r{n}".encode() for n in range(50)]
+        assert isinstance(replies[50], NoScriptError)
+    finally:
+        await path.aclose()
+        await client.aclose()

@@ -48,6 +48,11 @@ async def test_noreplicas_drops_the_pool_and_the_store_recovers(redis_sentinel: 
         async with store.lock("c"):
             pass
         assert pool.failovers_seen == 0
+        # The lock's scripts go through the lane, which reads its replies
+        # without read_response: the failover reply must be caught there too.
+        lane = store._commands._lane
+        assert lane is not None
+        assert lane.reads_in_callbacks
         master.command("CONFIG", "SET", "min-replicas-to-write", "2")  # there is one replica
         try:
             with pytest.raises(LockStoreUnavailable, match="no longer a writable master"):

@@ -100,15 +100,32 @@ class FailoverAwareConnection(SentinelManagedConnection):
             # ConnectionError before we could see it.
             return await super(SentinelManagedConnection, self).read_response(*args, **kwargs)
         except ResponseError as error:
-            pool = self.connection_pool
-            if not (is_failover_error(error) and pool.is_master):
+            failure = self.failover_failure(error)
+            if failure is None:
                 raise
             await self.disconnect()
-            await pool.master_lost(f"{error}".split(".")[0])
-            raise RedisConnectionError(
-                f"{self.host}:{self.port} is no longer a writable master ({error}); "
-                "the pool dropped its connections and will ask the Sentinels again"
-            ) from error
+            raise failure from error
+
+    def failover_failure(self, error: ResponseError) -> RedisConnectionError | None:
+        """The error that ends this connection if ``error`` says its master no longer takes writes, else None.
+
+        For a failover reply from the master, the pool has forgotten the
+        master and dropped its connections (:meth:`FailoverAwarePool.drop_master`)
+        by the time this returns; the caller closes this connection and fails
+        with the returned error. ``read_response`` uses it, and so does the
+        lock store's command lane, which reads its replies without
+        ``read_response`` (see :mod:`convlock.redis.commands`).
+        """
+        pool = self.connection_pool
+        if not (is_failover_error(error) and pool.is_master):
+            return None
+        pool.drop_master(f"{error}".split(".")[0])
+        failure = RedisConnectionError(
+            f"{self.host}:{self.port} is no longer a writable master ({error}); "
+            "the pool dropped its connections and will ask the Sentinels again"
+        )
+        failure.__cause__ = error
+        return failure
 
 
 class FailoverAwareSSLConnection(FailoverAwareConnection, SSLConnection):
@@ -131,6 +148,7 @@ class FailoverAwarePool(SentinelConnectionPool):
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
         #: How many times this pool dropped its connections for a failover.
         self.failovers_seen = 0
+        self._closing: set[asyncio.Task[None]] = set()  # drop_master's closes, kept until done
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         if self.is_master:
@@ -138,7 +156,19 @@ class FailoverAwarePool(SentinelConnectionPool):
         return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     async def master_lost(self, reason: str) -> None:
-        """Drop every connection to the current master and forget its address."""
+        """Drop every connection to the current master and forget its address; wait for idle ones to close."""
+        await _close_all(self._forget_master(reason))
+
+    def drop_master(self, reason: str) -> None:
+        """:meth:`master_lost` without waiting: the idle connections close in the background."""
+        retired = self._forget_master(reason)
+        if retired:
+            task = asyncio.get_running_loop().create_task(_close_all(retired))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def _forget_master(self, reason: str) -> list[Any]:
+        """Forget the master, mark the busy connections, and take the idle ones out of the pool."""
         logger.warning(
             "Redis Sentinel service %r: %s; dropping pooled connections to %s",
             self.service_name,
@@ -146,18 +176,22 @@ class FailoverAwarePool(SentinelConnectionPool):
             self.master_address,
         )
         self.master_address = None
-        # Take the idle connections out of the pool before the first await,
-        # so that no task can pick one up while it is being closed.
+        # Take the idle connections out of the pool before any await, so
+        # that no task can pick one up while it is being closed.
         retired, self._available_connections = self._available_connections, []
         for connection in list(self._in_use_connections):
             connection.mark_for_reconnect()  # type: ignore[no-untyped-call]
         self.failovers_seen += 1
-        await asyncio.gather(*(connection.disconnect() for connection in retired), return_exceptions=True)
+        return retired
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         if inuse_connections:  # the client is closing: stop listening for it
             await _unwatch(self)
         await super().disconnect(inuse_connections)
+
+
+async def _close_all(connections: list[Any]) -> None:
+    await asyncio.gather(*(connection.disconnect() for connection in connections), return_exceptions=True)
 
 
 # -- +switch-master listeners: one per (event loop, Sentinel set, service)
