@@ -175,6 +175,35 @@ async def test_a_revoked_turns_save_is_refused_and_its_successors_state_stands(r
         await tracker.aclose()
 
 
+async def test_a_combined_turn_knows_whether_its_lock_was_granted_at_once(redis_server: RedisProcess) -> None:
+    # process_message skips a trip through the event loop before its
+    # "has the client gone?" check only for a turn granted at once.
+    block = {"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "once"}
+    lock, tracker = create_lock_store(block), create_tracker_store(block)
+    path = choose_message_path(lock, tracker)
+    assert isinstance(path, RedisMessagePath)
+    try:
+        async with path.turn("o", wait_timeout=None, message_id=None) as first:
+            assert first.granted_at_once
+            second_turn = path.turn("o", wait_timeout=5, message_id=None)
+            entered = asyncio.create_task(second_turn.__aenter__())
+            await asyncio.sleep(0.1)
+            assert not entered.done()
+            await first.save([user("first")], {}, None)
+        second = await asyncio.wait_for(entered, 5)
+        try:
+            assert not second.granted_at_once
+            assert [e["text"] for e in (await second.load()).events] == ["first"]
+        finally:
+            await second_turn.__aexit__(None, None, None)
+        separate = StoresPath(lock, tracker)
+        async with separate.turn("o", wait_timeout=None, message_id=None) as unknown:
+            assert not unknown.granted_at_once  # the separate path cannot tell: it may have waited
+    finally:
+        await lock.aclose()
+        await tracker.aclose()
+
+
 async def test_the_combined_path_runs_on_a_cluster(redis_cluster: ClusterSetup) -> None:
     block = {"type": "redis", "deployment_mode": "cluster", "endpoints": redis_cluster.endpoints(), "key_prefix": "mp"}
     lock, tracker = create_lock_store(block), create_tracker_store(block)

@@ -61,6 +61,11 @@ class MessageTurn(abc.ABC):
         assert self._held is not None, "the turn has not been entered"
         return self._held.ticket
 
+    @property
+    def granted_at_once(self) -> bool:
+        """Whether the lock was granted without waiting, as far as the turn knows (False: perhaps not)."""
+        return False
+
     async def __aenter__(self) -> Self:
         self._held = await self._lock.__aenter__()
         return self
