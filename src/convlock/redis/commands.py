@@ -357,22 +357,24 @@ class _Replies(asyncio.Protocol):
 
     __slots__ = ("_failover", "_feed", "_gets", "_lane", "_parser", "_push_type", "_streams")
 
-    def __init__(self, lane: _Lane, connection: AbstractConnection, streams: asyncio.BaseProtocol) -> None:
-        parser: Any = getattr(connection, "_parser", None)
+    def __init__(
+        self,
+        lane: _Lane,
+        parser: Any,
+        failover: Callable[[ResponseError], Exception | None] | None,
+        streams: asyncio.BaseProtocol,
+    ) -> None:
         self._lane = lane
         self._parser = parser
-        # redis-py's own protocol (its StreamWriter's): told of the close and
-        # of flow control, so that its wait_closed() and drain() still end.
-        self._streams = streams
         self._feed: Callable[[bytes], None] = parser._reader.feed
         self._gets: Callable[[], Any] = parser._reader.gets
         push_type = getattr(parser, "_hiredis_PushNotificationType", None)
         self._push_type: type | None = push_type if isinstance(push_type, type) else None
-        # A Sentinel connection's check of error replies (FailoverAwareConnection),
-        # which read_response would have made.
-        self._failover: Callable[[ResponseError], Exception | None] | None = getattr(
-            connection, "failover_failure", None
-        )
+        # A Sentinel connection's check of error replies, which its read_response makes.
+        self._failover = failover
+        # redis-py's own protocol (its StreamWriter's): told of the close and
+        # of flow control, so that its wait_closed() and drain() still end.
+        self._streams = streams
 
     @classmethod
     def take_over(cls, lane: _Lane, connection: AbstractConnection) -> bool:
@@ -388,7 +390,8 @@ class _Replies(asyncio.Protocol):
         ):
             return False
         transport = writer.transport
-        transport.set_protocol(cls(lane, connection, transport.get_protocol()))
+        failover = getattr(connection, "failover_failure", None)  # FailoverAwareConnection's
+        transport.set_protocol(cls(lane, parser, failover, transport.get_protocol()))
         return True
 
     def data_received(self, data: bytes) -> None:

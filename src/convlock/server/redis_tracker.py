@@ -249,8 +249,7 @@ class RedisTrackerStore(TrackerStore):
         """A fenced load's arguments after the ticket: TTL, message ID ('' for none), window."""
         if message_id is not None:
             check_message_id(message_id)
-        # As text: hiredis packs an int about 0.45 us slower than a str.
-        return [str(self._ttl_ms), message_id or "", str(self.max_event_history)]
+        return [str(self._ttl_ms), message_id or "", str(self.max_event_history)]  # text: see save_args
 
     async def loaded(
         self, conversation_id: str, reply: Sequence[Any], *, ticket: int, message_id: str | None
