@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ from convlock.redis import RedisLockStore
 from convlock.server.message_path import StoresPath, choose_message_path
 from convlock.server.redis_message_path import RedisMessagePath
 from convlock.server.redis_tracker import RedisTrackerStore
-from convlock.server.tracker import InMemoryTrackerStore, StaleTicketError
+from convlock.server.tracker import InMemoryTrackerStore, StaleTicketError, TrackerStore
 from convlock.server.tracker_factory import create_tracker_store
+from convlock.store import LockStore
 from redis_procs import ClusterSetup, RedisProcess
 
 WEBHOOK = "/webhooks/rest/webhook"
@@ -149,12 +152,28 @@ def user(text: str) -> dict[str, Any]:
     return {"event": "user", "text": text}
 
 
-async def test_a_revoked_turns_save_is_refused_and_its_successors_state_stands(redis_server: RedisProcess) -> None:
-    block = {"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "stale"}
-    lock, tracker = create_lock_store(block), create_tracker_store(block)
-    path = choose_message_path(lock, tracker)
-    assert isinstance(path, RedisMessagePath)
+def on(redis_server: RedisProcess, prefix: str) -> dict[str, Any]:
+    """A store block for ``redis_server``'s database 0 under ``prefix``."""
+    return {"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": prefix}
+
+
+@contextlib.asynccontextmanager
+async def combined(
+    block: dict[str, Any], **tracker: Any
+) -> AsyncIterator[tuple[LockStore, TrackerStore, RedisMessagePath]]:
+    """Stores built from ``block`` (the tracker's with ``tracker`` on top), their combined path; closed after."""
+    lock, store = create_lock_store(block), create_tracker_store({**block, **tracker})
     try:
+        path = choose_message_path(lock, store)
+        assert isinstance(path, RedisMessagePath)
+        yield lock, store, path
+    finally:
+        await lock.aclose()
+        await store.aclose()
+
+
+async def test_a_revoked_turns_save_is_refused_and_its_successors_state_stands(redis_server: RedisProcess) -> None:
+    async with combined(on(redis_server, "stale")) as (lock, _, path):
         async with path.turn("s", wait_timeout=None, message_id=None) as old:
             assert (await old.load()).event_count == 0
             assert await lock.force_release("s") == old.ticket  # an operator revokes it mid-message
@@ -170,19 +189,12 @@ async def test_a_revoked_turns_save_is_refused_and_its_successors_state_stands(r
         assert [e["text"] for e in record.events] == ["new"]
         # The refused save released its ticket in the same script: no lock keys are left.
         assert [k for k in redis_server.command("KEYS", "stale:*") if ":tracker:" not in k] in ([], ["stale:{s}:s"])
-    finally:
-        await lock.aclose()
-        await tracker.aclose()
 
 
 async def test_a_combined_turn_knows_whether_its_lock_was_granted_at_once(redis_server: RedisProcess) -> None:
     # process_message skips a trip through the event loop before its
     # "has the client gone?" check only for a turn granted at once.
-    block = {"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "once"}
-    lock, tracker = create_lock_store(block), create_tracker_store(block)
-    path = choose_message_path(lock, tracker)
-    assert isinstance(path, RedisMessagePath)
-    try:
+    async with combined(on(redis_server, "once")) as (lock, tracker, path):
         async with path.turn("o", wait_timeout=None, message_id=None) as first:
             assert first.granted_at_once
             second_turn = path.turn("o", wait_timeout=5, message_id=None)
@@ -199,19 +211,13 @@ async def test_a_combined_turn_knows_whether_its_lock_was_granted_at_once(redis_
         separate = StoresPath(lock, tracker)
         async with separate.turn("o", wait_timeout=None, message_id=None) as unknown:
             assert not unknown.granted_at_once  # the separate path cannot tell: it may have waited
-    finally:
-        await lock.aclose()
-        await tracker.aclose()
 
 
 async def test_the_combined_path_runs_on_a_cluster(redis_cluster: ClusterSetup) -> None:
     block = {"type": "redis", "deployment_mode": "cluster", "endpoints": redis_cluster.endpoints(), "key_prefix": "mp"}
-    lock, tracker = create_lock_store(block), create_tracker_store(block)
-    path = choose_message_path(lock, tracker)
-    assert isinstance(path, RedisMessagePath)
-    assert isinstance(tracker, RedisTrackerStore)
     nodes = set()
-    try:
+    async with combined(block) as (_, tracker, path):
+        assert isinstance(tracker, RedisTrackerStore)
         for n in range(8):
             cid = f"conv-{n}"
             nodes.add(redis_cluster.node_for_key(tracker.key(cid)).port)
@@ -224,23 +230,16 @@ async def test_the_combined_path_runs_on_a_cluster(redis_cluster: ClusterSetup) 
                 record = await turn.load()
                 assert (record.state, record.event_count, record.turn) == ({"n": n}, 1, 1)
         assert len(nodes) > 1  # the conversations landed on different nodes
-    finally:
-        await lock.aclose()
-        await tracker.aclose()
 
 
 async def test_the_combined_path_reads_and_extends_a_conversation_stored_as_event_fields(
     redis_server: RedisProcess,
 ) -> None:
     """An earlier version's record (one hash field per event) goes on through both scripts."""
-    block = {"type": "redis", "url": redis_server.host, "port": redis_server.port, "db": 0, "key_prefix": "lf"}
-    lock, tracker = create_lock_store(block), create_tracker_store({**block, "max_event_history": 5})
-    path = choose_message_path(lock, tracker)
-    assert isinstance(path, RedisMessagePath)
     fields = {f"e:{i}": json.dumps(user(f"old{i}")) for i in range(1, 4)}
     redis_server.command("HSET", "lf:tracker:{c}", "fence", 1, "ticket", 1, "state", "{}", "n", 3, "u", 3,
                          *[part for item in fields.items() for part in item])
-    try:
+    async with combined(on(redis_server, "lf"), max_event_history=5) as (_, _, path):
         for text in ("a", "b", "c"):
             async with path.turn("c", wait_timeout=None, message_id=None) as turn:
                 record = await turn.load()
@@ -252,6 +251,3 @@ async def test_the_combined_path_reads_and_extends_a_conversation_stored_as_even
         assert (record.event_count, record.turn, record.state) == (6, 6, {"last": "c"})
         listed = redis_server.command("LRANGE", "lf:tracker:{c}:ev", 0, -1)
         assert [json.loads(e)["text"] for e in listed] == ["a", "b", "c"]  # the old fields stay fields
-    finally:
-        await lock.aclose()
-        await tracker.aclose()
