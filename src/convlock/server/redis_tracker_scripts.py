@@ -188,8 +188,9 @@ local head = redis.call('HMGET', record, 'fence', 'ticket', 'state', 'n', 'u', '
 #: head for READ_RECORD.
 FENCE_RAISE = _READ_HEAD + """
 local fence_text = head[1] or '0'
-if ticket < tonumber(fence_text) then return {0, fence_text} end
-if ticket > tonumber(fence_text) then
+local fence = tonumber(fence_text)
+if ticket < fence then return {0, fence_text} end
+if ticket > fence then
   redis.call('HSET', record, 'fence', ticket_text)
   head[1] = ticket_text
 end
