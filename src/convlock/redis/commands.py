@@ -478,12 +478,12 @@ class CommandPath:
     async def evalsha_keys(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run ``script`` with several declared keys (all in one hash slot), as :meth:`evalsha`."""
         try:
-            return await self._one(("EVALSHA", script.sha, str(len(keys)), *keys, *args))
+            return await self._one(("EVALSHA", script.sha, len(keys), *keys, *args))
         except NoScriptError:
             # A restarted or failed-over server forgot our scripts. (As one
             # word, "SCRIPT LOAD" goes to every node of a cluster.)
             await self._one(("SCRIPT LOAD", script.source))
-            return await self._one(("EVALSHA", script.sha, str(len(keys)), *keys, *args))
+            return await self._one(("EVALSHA", script.sha, len(keys), *keys, *args))
 
     async def call(self, *args: Any) -> Any:
         """Run one plain command (PING, DOORBELL's EVALSHA, ...)."""

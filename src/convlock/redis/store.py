@@ -216,8 +216,7 @@ class _RedisHold(HeldLock):
         self._released = False
         self._keys = keys
         self._lifetime = lifetime
-        # Script arguments go as text: hiredis packs an int about 0.45 us slower than a str.
-        self._lifetime_arg = str(max(scripts.MIN_LEASE_US, round(lifetime * _US)))
+        self._lifetime_arg = max(scripts.MIN_LEASE_US, round(lifetime * _US))
         self._renew = renew
         self._wait_timeout = wait_timeout
         self._number = 0
@@ -334,7 +333,7 @@ class _RedisHold(HeldLock):
             released, *value = await store._eval_keys(
                 companion.release,
                 (self._keys.state, *companion.keys),
-                (str(self._number), "0", store._tag, *args),
+                (self._number, 0, store._tag, *args),
             )
         except BaseException as error:
             # RELEASE is idempotent, the companion's step may not be: only
@@ -375,7 +374,7 @@ class _RedisHold(HeldLock):
             return
         sent = time.monotonic()
         try:
-            reply = await store._eval(scripts.RELEASE, self._keys, str(self._number), "0", store._tag)
+            reply = await store._eval(scripts.RELEASE, self._keys, self._number, 0, store._tag)
         except asyncio.CancelledError:
             # The script may or may not have run; it is idempotent, so run it
             # again where no cancellation can reach it.

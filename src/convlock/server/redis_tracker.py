@@ -249,7 +249,7 @@ class RedisTrackerStore(TrackerStore):
         """A fenced load's arguments after the ticket: TTL, message ID ('' for none), window."""
         if message_id is not None:
             check_message_id(message_id)
-        return [str(self._ttl_ms), message_id or "", str(self.max_event_history)]  # text: see save_args
+        return [self._ttl_ms, message_id or "", self.max_event_history]
 
     async def loaded(
         self, conversation_id: str, reply: Sequence[Any], *, ticket: int, message_id: str | None
@@ -358,11 +358,9 @@ class RedisTrackerStore(TrackerStore):
         """A save's arguments after the ticket: TTL, state, message ID and reply, bounds, events."""
         if message_id is not None:
             check_message_id(message_id)
-        # Numbers as text: hiredis packs an int about 0.45 us slower than a str.
-        args: list[Any] = [str(self._ttl_ms), state_json(state)]
-        args += [message_id or "", "[]" if reply is None else reply, str(self.remember_message_ids)]
-        users = sum(1 for event in new_events if event.get("event") == "user")
-        args += [str(users), str(self.retain_events)]
+        args: list[Any] = [self._ttl_ms, state_json(state)]
+        args += [message_id or "", "[]" if reply is None else reply, self.remember_message_ids]
+        args += [sum(1 for event in new_events if event.get("event") == "user"), self.retain_events]
         args += [dumps(dict(event)) for event in new_events]
         return args
 
