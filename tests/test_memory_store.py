@@ -332,3 +332,20 @@ async def test_randomised_workload_keeps_fifo_per_conversation() -> None:
     for cid, order in grants.items():
         assert order == sorted(order), cid
     assert store.statistics()["conversations"] == 0
+
+
+async def test_a_hold_tells_whether_it_was_granted_at_once() -> None:
+    store = InMemoryLockStore()
+    first = store.lock("g")
+    assert not first.granted_at_once, "not entered yet"
+    async with first:
+        assert first.granted_at_once
+        second = store.lock("g")
+        entered = asyncio.create_task(second.__aenter__())
+        await asyncio.sleep(0.01)
+        assert not entered.done()
+    await asyncio.wait_for(entered, 5)
+    try:
+        assert not second.granted_at_once, "it queued behind the first"
+    finally:
+        await second.__aexit__(None, None, None)

@@ -74,6 +74,11 @@ class _Hold(Ticket, HeldLock):
         if self.lost:
             raise LockLostError.for_ticket(self.conversation_id, self.number, self.terms.lifetime)
 
+    @property
+    def granted_at_once(self) -> bool:
+        # _wait() sets _since: a ticket that never waited has it unset.
+        return bool(self.number) and not hasattr(self, "_since")
+
     async def __aenter__(self) -> _Hold:
         store = self._store
         if self.number or store._closed:

@@ -154,6 +154,15 @@ class HeldLock(abc.ABC):
     async def ensure(self) -> None:
         """Raise :class:`~convlock.LockLostError` unless the lock is still held."""
 
+    @property
+    def granted_at_once(self) -> bool:
+        """True when the ticket was granted on its draw, without queueing behind another.
+
+        False while the hold is not entered, after a wait, and for a store
+        that cannot tell (this default).
+        """
+        return False
+
 
 class LockStore(abc.ABC):
     """A source of per-conversation FIFO ticket locks.

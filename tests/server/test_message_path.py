@@ -191,7 +191,7 @@ async def test_a_revoked_turns_save_is_refused_and_its_successors_state_stands(r
         assert [k for k in redis_server.command("KEYS", "stale:*") if ":tracker:" not in k] in ([], ["stale:{s}:s"])
 
 
-async def test_a_combined_turn_knows_whether_its_lock_was_granted_at_once(redis_server: RedisProcess) -> None:
+async def test_a_turn_knows_whether_its_lock_was_granted_at_once(redis_server: RedisProcess) -> None:
     # process_message skips a trip through the event loop before its
     # "has the client gone?" check only for a turn granted at once.
     async with combined(on(redis_server, "once")) as (lock, tracker, path):
@@ -209,8 +209,17 @@ async def test_a_combined_turn_knows_whether_its_lock_was_granted_at_once(redis_
         finally:
             await second_turn.__aexit__(None, None, None)
         separate = StoresPath(lock, tracker)
-        async with separate.turn("o", wait_timeout=None, message_id=None) as unknown:
-            assert not unknown.granted_at_once  # the separate path cannot tell: it may have waited
+        async with separate.turn("o", wait_timeout=None, message_id=None) as alone:
+            assert alone.granted_at_once  # the lock store's own hold tells
+            queued_turn = separate.turn("o", wait_timeout=5, message_id=None)
+            queued_entry = asyncio.create_task(queued_turn.__aenter__())
+            await asyncio.sleep(0.1)
+            assert not queued_entry.done()
+        queued = await asyncio.wait_for(queued_entry, 5)
+        try:
+            assert not queued.granted_at_once
+        finally:
+            await queued_turn.__aexit__(None, None, None)
 
 
 async def test_the_combined_path_runs_on_a_cluster(redis_cluster: ClusterSetup) -> None:

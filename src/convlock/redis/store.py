@@ -247,6 +247,11 @@ class _RedisHold(HeldLock):
     def lost(self) -> bool:
         return self._revoked or time.monotonic() >= self._deadline
 
+    @property
+    def granted_at_once(self) -> bool:
+        # RedisLockStore._wait() sets _waited_from: a ticket that never waited keeps 0.
+        return bool(self._number) and self._waited_from == 0.0
+
     async def ensure(self) -> None:
         """Ask Redis whether this ticket still holds; raise ``LockLostError`` if not.
 

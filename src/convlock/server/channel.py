@@ -169,10 +169,11 @@ def _disconnect_check(receive: Receive) -> Callable[[bool], Awaitable[bool]]:
     connection close. For a message that waited for its lock, one trip
     through the event loop first lets a close that arrived together with
     the grant (both ready in one poll, as after a SIGSTOP/SIGCONT) be handled
-    before we ask. A message granted its lock at once skips that trip: it
-    never waited, so a close racing its grant races its processing just the
-    same, which no check can catch. (The trip cost ``convlock run`` on Redis
-    about 8,000 of its 680,000 instructions per message, callgrind.)
+    before we ask. A message granted its lock at once (``granted_at_once``,
+    from the lock store) skips that trip: it never waited, so a close racing
+    its grant races its processing just the same, which no check can catch.
+    Its one trip through the loop is the one before its answer is written
+    (see "Writes" in :mod:`.webhook_asgi`).
     """
 
     async def gone(waited: bool) -> bool:

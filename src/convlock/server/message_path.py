@@ -63,8 +63,8 @@ class MessageTurn(abc.ABC):
 
     @property
     def granted_at_once(self) -> bool:
-        """Whether the lock was granted without waiting, as far as the turn knows (False: perhaps not)."""
-        return False
+        """Whether the lock was granted without waiting, as far as its store knows (False: perhaps not)."""
+        return self._held is not None and self._held.granted_at_once
 
     async def __aenter__(self) -> Self:
         self._held = await self._lock.__aenter__()

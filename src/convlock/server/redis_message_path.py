@@ -60,7 +60,7 @@ in Redis for every waiter.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 from ..redis import scripts
 from ..redis.companion import Companion
@@ -155,7 +155,7 @@ class RedisMessagePath(MessagePath):
 
 
 class _RedisTurn(MessageTurn):
-    __slots__ = ("_at_once", "_hold", "_message_id", "_tracker", "conversation_id")
+    __slots__ = ("_hold", "_message_id", "_tracker", "conversation_id")
 
     def __init__(
         self, path: RedisMessagePath, conversation_id: str, wait_timeout: float | None, message_id: str | None
@@ -166,20 +166,10 @@ class _RedisTurn(MessageTurn):
         super().__init__(self._hold)
         self.conversation_id = conversation_id
         self._message_id = message_id
-        self._at_once = False
-
-    async def __aenter__(self) -> Self:
-        self._held = await self._hold.__aenter__()
-        # In's reply carries the load only when the ticket was granted at once.
-        self._at_once = self._hold.companion_reply is not None
-        return self
-
-    @property
-    def granted_at_once(self) -> bool:
-        return self._at_once
 
     async def load(self) -> TrackerRecord:
         hold, tracker = self._hold, self._tracker
+        # In's reply carries the load only when the ticket was granted at once.
         reply = hold.companion_reply
         if reply is None:  # the ticket waited: load on its own
             return await tracker.load(self.conversation_id, ticket=hold.ticket, message_id=self._message_id)
