@@ -40,19 +40,23 @@ its message finished (the task steps aside once, ``asyncio.sleep(0)``,
 before its first ``send``), as Redis writes its replies before it sleeps
 and as :mod:`convlock.redis.commands` batches its commands: the messages
 that became ready together finish together, and their answers go out
-back to back. A client multiplexing many connections (a load balancer, a
-channel connector, the bench) then reads them in one wake-up and sends the
-next ones together, which the server reads in one pass. Without it, each
-message that needs no Redis (the in-memory stores, a lock granted without
-waiting) ran from its request to its answer in one step, and the two
-processes took turns message by message. Measured with the bench's 16
-conversations in memory (server CPU per message and messages/s,
-interleaved A/B of two replicas, two runs each): 110 -> 84 us and 9,000 ->
-11,800 messages/s, together with the grant that no longer steps aside
-(:func:`~.channel._disconnect_check`); on Redis, where each message
-already waits for two round trips, no change beyond the noise (6,720 ->
-6,827 messages/s). The cost is one pass through the event loop per
-message: microseconds of latency when the server is idle.
+back to back. Without it, a message that needs no Redis (the in-memory
+stores) ran from its request to its answer in one step. Measured with the
+bench's 16 conversations in memory (server CPU per message and
+messages/s, interleaved A/B of two replicas, two runs each, together with
+the grant that no longer steps aside in
+:func:`~.channel._disconnect_check`): 92.2 -> 84.7 and 97.0 -> 85.6 us,
+10,696 -> 11,682 and 10,221 -> 11,552 messages/s. Either change alone
+measured worse than both: the grant without its step alone made the
+server slower (105 -> 108 us), the step before the write alone faster
+(98.7 -> 90.4 us). Our reading, not measured directly: a client that
+multiplexes many connections (a load balancer, a channel connector, the
+bench's client) reads answers that go out together in one wake-up and
+sends the next requests together, which the server then reads in one pass
+of its loop. On Redis, where each message already waits for two round
+trips, the change was within the noise (7,226 -> 7,412 messages/s). The
+cost is one pass through the event loop per message: microseconds of
+latency when the server is idle.
 
 What it takes: exactly ``POST`` on the path ``/webhooks/rest/webhook`` with
 no ``root_path``. Every other request, including other methods on this
