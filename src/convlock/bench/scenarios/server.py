@@ -24,8 +24,18 @@ replicas sharing the Redis (each message to a random one). One client
   Lua scripts call): target at most 2 with lock and tracker on one Redis.
 * The lock's share of the server's time, from its ``Server-Timing`` header.
 
-On a 2-core machine the load generator, the replicas and redis-server share
-the cores: a second replica adds parallelism only where a core is idle.
+Placement: the servers under test (the echo and every replica) are pinned
+to CPU 1, and everything else, this process (the load generator) and the
+redis-server this run started, to CPU 0, as if each server had a host of
+its own and its clients and its Redis lived elsewhere. Unpinned, three busy
+processes on two cores land where the scheduler puts them, and the block
+rates were bimodal: the echo's 15,000-16,000 or 19,000-20,000 msgs/s, the
+Redis replica's 6,000 or 7,300 (sharing a core with redis-server, or not),
+so that the Redis ratio of unchanged code moved between 0.34 and 0.40 from
+run to run; pinned, three runs gave 0.38-0.41 (and the echo 19,500-20,000).
+The 2-replica set-up's replicas then share CPU 1: it shows what a second
+replica costs, not what it adds. Where pinning is impossible (one CPU, or
+not allowed) nothing is pinned and the figures' notes say so.
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..http import Connection
-from ..measure import median, percentile
-from ..procs import Replica, start_echo, start_replica
+from ..measure import median, percentile, pin, unpin
+from ..procs import RedisTarget, Replica, start_echo, start_replica
 from ..report import Figure, Target
 from . import Context
 from .lock_redis import CommandMonitor
@@ -79,6 +89,23 @@ def _timing(header: str) -> dict[str, float]:
         if duration:
             parts[name] = float(duration) / 1000
     return parts
+
+
+def _place(servers: list[Replica], target: RedisTarget) -> bool:
+    """Pin ``servers`` to CPU 1, this process and ``target``'s redis-server (if ours) to CPU 0.
+
+    Returns whether every one could be pinned (see "Placement" in the module docstring).
+    """
+    others = [0] if target.pid is None else [0, target.pid]
+    done = [pin(server.popen.pid, 1) for server in servers] + [pin(pid, 0) for pid in others]
+    return all(done)
+
+
+def _unplace(servers: list[Replica], target: RedisTarget) -> None:
+    """Undo :func:`_place`: this process and redis-server may run anywhere again (later scenarios)."""
+    for pid in [0, target.pid, *(server.popen.pid for server in servers)]:
+        if pid is not None:
+            unpin(pid)
 
 
 async def _send(connection: Connection, sender: str, text: str, setup: Setup | None) -> float:
@@ -175,6 +202,7 @@ def run(ctx: Context) -> None:
     block = {**target.endpoints_block(), "key_prefix": f"{ctx.prefix}-server"}
     endpoints: dict[str, Any] = {"lock_store": dict(block), "tracker_store": dict(block)}
     replicas: list[Replica] = []
+    was_pinned = False
     try:
         echo = start_echo(work)
         replicas.append(echo)
@@ -184,7 +212,8 @@ def run(ctx: Context) -> None:
         replicas.extend(redis_replicas)
         for replica in replicas:
             replica.wait_ready()
-        ctx.progress("server: replicas ready")
+        was_pinned = _place(replicas, target)
+        ctx.progress(f"server: replicas ready (pinned: {'yes' if was_pinned else 'no'})")
         setups = [
             Setup("echo", [echo.url]),
             Setup("memory, 1 replica", [memory.url]),
@@ -214,6 +243,7 @@ def run(ctx: Context) -> None:
             asyncio.run(_sequential(redis_replicas[0].url, sender, monitored))
             time.sleep(0.05)
     finally:
+        _unplace(replicas, target)
         for replica in replicas:
             replica.stop()
 
@@ -225,7 +255,8 @@ def run(ctx: Context) -> None:
         threshold = targets.get(setup.name)
         add(Figure("server", f"{setup.name}: messages/s ({CONCURRENCY} conversations at once)", rate,
                    "msgs/s", echo_rate, "bare Starlette echo",
-                   target=Target(">=", threshold) if threshold else None))
+                   target=Target(">=", threshold) if threshold else None,
+                   note=f"servers pinned to their own CPU: {'yes' if was_pinned else 'no'}"))
     for setup in setups:
         add(Figure("server", f"{setup.name}: latency p50", percentile(setup.latencies, 0.5) * 1000, "ms",
                    percentile(setups[0].latencies, 0.5) * 1000, "bare Starlette echo"))
