@@ -17,6 +17,7 @@ from convlock import (
     LockTimeoutError,
 )
 from convlock.store import LIFETIME_ENV
+from store_contract import check_granted_at_once
 
 
 async def test_100_tasks_hold_disjoint_intervals_in_ticket_order() -> None:
@@ -335,17 +336,4 @@ async def test_randomised_workload_keeps_fifo_per_conversation() -> None:
 
 
 async def test_a_hold_tells_whether_it_was_granted_at_once() -> None:
-    store = InMemoryLockStore()
-    first = store.lock("g")
-    assert not first.granted_at_once, "not entered yet"
-    async with first:
-        assert first.granted_at_once
-        second = store.lock("g")
-        entered = asyncio.create_task(second.__aenter__())
-        await asyncio.sleep(0.01)
-        assert not entered.done()
-    await asyncio.wait_for(entered, 5)
-    try:
-        assert not second.granted_at_once, "it queued behind the first"
-    finally:
-        await second.__aexit__(None, None, None)
+    await check_granted_at_once(InMemoryLockStore(), "g", lambda: asyncio.sleep(0.01))

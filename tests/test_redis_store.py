@@ -24,6 +24,7 @@ from convlock import (
 from convlock.redis import RedisLockStore, scripts
 from convlock.redis.keys import KeySpace
 from redis_procs import RedisProcess
+from store_contract import check_granted_at_once
 
 PREFIX = "t"
 HOSTILE_IDS = [
@@ -120,18 +121,7 @@ async def test_fifo_order_within_a_process(store: RedisLockStore) -> None:
 
 
 async def test_a_hold_tells_whether_it_was_granted_at_once(store: RedisLockStore) -> None:
-    first = store.lock("once")
-    assert not first.granted_at_once, "not entered yet"
-    async with first:
-        assert first.granted_at_once
-        second = store.lock("once")
-        entered = asyncio.create_task(second.__aenter__())
-        await _until(lambda: _nwaiting(store, "once", 1))
-    await asyncio.wait_for(entered, 5)
-    try:
-        assert not second.granted_at_once, "it queued behind the first"
-    finally:
-        await second.__aexit__(None, None, None)
+    await check_granted_at_once(store, "once", lambda: _until(lambda: _nwaiting(store, "once", 1)))
 
 
 async def test_release_wakes_only_the_next_waiter(store: RedisLockStore) -> None:
